@@ -1,0 +1,32 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+# Both create .venv when missing and install into it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of this pinned torch lies on the reference machine's disk; a GPU user
+# sets TORCH_SPEC (e.g. `make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"`).
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test bench install clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/ldmkit demo --out runs/demo
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache

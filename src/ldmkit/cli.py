@@ -1,0 +1,144 @@
+"""The `ldmkit` command. Parsers live here; each command's work lives in the module named
+for it and is imported only when that command runs (so `ldmkit --help` is instant).
+
+Exit codes: 0 success, 2 bad usage/config/input (message names the culprit), 1 unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from ldmkit import __version__
+from ldmkit.errors import UserError
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", required=required, help="TOML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override config values, e.g. train.batch_size=64")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """Shortcut flags for the data section; they become data.* overrides."""
+    p.add_argument("--dataset", choices=("shapes", "coco", "folder"))
+    p.add_argument("--root", help="dataset folder (coco, folder)")
+    p.add_argument("--split", help="coco split (train, val)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldmkit", description="Train and run a text-to-image latent diffusion model.")
+    parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train both stages on the built-in shapes data, judge, report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=None, help="training budget (both stages)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (CI)")
+    _add_config_args(p)
+    p.set_defaults(handler="ldmkit.demo:cli_demo")
+
+    p = sub.add_parser("config", help="inspect configs")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = csub.add_parser("show", help="print the resolved, validated config as JSON")
+    _add_config_args(show)
+    show.set_defaults(handler="ldmkit.cli:cli_config_show")
+
+    p = sub.add_parser("data", help="check or preview datasets")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    check = dsub.add_parser("check", help="read every item and report problems")
+    _add_data_args(check)
+    check.add_argument("--json", action="store_true", help="print only the JSON report")
+    _add_config_args(check)
+    check.set_defaults(handler="ldmkit.data.check:cli_check")
+    preview = dsub.add_parser("preview", help="write a captioned grid of dataset items")
+    _add_data_args(preview)
+    preview.add_argument("--out", default="preview.png")
+    preview.add_argument("--n", type=int, default=16)
+    _add_config_args(preview)
+    preview.set_defaults(handler="ldmkit.data.check:cli_preview")
+
+    p = sub.add_parser("train-vae", help="stage 1: train the KL-VAE")
+    p.add_argument("--out", default="runs/vae", help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    _add_config_args(p, required=True)
+    p.set_defaults(handler="ldmkit.training.vae_trainer:cli_train_vae")
+
+    p = sub.add_parser("evaluate-vae", help="PSNR / SSIM of a trained VAE on held-out images")
+    p.add_argument("--vae", required=True, help="VAE folder (config.json + model.safetensors)")
+    p.add_argument("--out", default=None, help="JSON file (default: <vae>/evaluation.json)")
+    _add_data_args(p)
+    _add_config_args(p)
+    p.set_defaults(handler="ldmkit.evaluation.vae_metrics:cli_evaluate_vae")
+
+    p = sub.add_parser("train", help="stage 2: train the conditional U-Net (VAE frozen)")
+    p.add_argument("--vae", required=True, help="trained VAE folder")
+    p.add_argument("--out", default="runs/diffusion", help="run directory")
+    p.add_argument("--resume", action="store_true")
+    _add_config_args(p, required=True)
+    p.set_defaults(handler="ldmkit.training.diffusion_trainer:cli_train")
+
+    p = sub.add_parser("sample", help="generate images from a prompt")
+    p.add_argument("--model", required=True, help="model folder (see README: model directory)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp-2m"), default="dpmpp-2m")
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--progress", action="store_true", help="also write denoising frames")
+    p.set_defaults(handler="ldmkit.sample:cli_sample")
+
+    p = sub.add_parser("evaluate", help="judge prompt fidelity of a model on the shapes data")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", default=None, help="JSON file (default: <model>/evaluation.json)")
+    p.add_argument("--n", type=int, default=200, help="images per headline entry")
+    p.add_argument("--quick", action="store_true", help="fewer entries, fewer images")
+    p.set_defaults(handler="ldmkit.evaluation.fidelity:cli_evaluate")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    """The validated Config for a command: --config file, data shortcut flags, overrides."""
+    from ldmkit.config import load_config
+
+    overrides = list(getattr(args, "overrides", None) or [])
+    for flag in ("dataset", "root", "split"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.insert(0, f"data.{flag}={json.dumps(value)}")
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def cli_config_show(args: argparse.Namespace) -> int:
+    print(json.dumps(config_from_args(args).to_dict(), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    module_name, func_name = args.handler.split(":")
+    try:
+        handler = getattr(importlib.import_module(module_name), func_name)
+        return int(handler(args) or 0)
+    except UserError as exc:
+        print(f"ldmkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ldmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Configs as data: one dataclass per section, loaded from TOML, overridden by
+`section.key=value`, validated once at the edge so the inner code can trust them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ldmkit.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+def _opt(default: Any, *, lo: float | None = None, hi: float | None = None,
+         choices: tuple | None = None, doc: str = "") -> Any:
+    """A field with its validation rule kept beside its default."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _opt("shapes", choices=("shapes", "coco", "folder"))
+    root: str = _opt("", doc="dataset folder for coco / folder")
+    split: str = _opt("train", doc="coco split name (train, val)")
+    image_size: int = _opt(64, lo=8, hi=1024)
+    seed: int = _opt(0, lo=0)
+    num_items: int = _opt(20000, lo=1, doc="length of one epoch of the shapes data")
+    val_items: int = _opt(256, lo=1, doc="held-out images for reconstructions and metrics")
+    two_object_fraction: float = _opt(0.5, lo=0.0, hi=1.0)
+    heldout: list[str] = _opt(["purple triangle", "orange circle"],
+                              doc="'colour shape' pairs never shown in training")
+    num_workers: int = _opt(0, lo=0)
+
+
+@dataclass
+class VAEConfig:
+    downsample_factor: int = _opt(8, choices=(4, 8))
+    base_channels: int = _opt(64, lo=8)
+    channel_mult: list[int] = _opt([1, 2, 2, 4], doc="one entry per level: log2(factor) + 1")
+    num_res_blocks: int = _opt(1, lo=1)
+    latent_channels: int = _opt(4, lo=1)
+    attention: bool = _opt(True, doc="self-attention at the lowest resolution")
+    kl_weight: float = _opt(1e-6, lo=0.0, doc="relative to per-pixel reconstruction loss")
+    recon_loss: str = _opt("mse", choices=("mse", "l1"))
+    scale_factor: float = _opt(0.0, lo=0.0, doc="1/std of latents; 0 = compute after training")
+    steps: int = _opt(2000, lo=1)
+    batch_size: int = _opt(32, lo=1)
+    lr: float = _opt(2e-4, lo=0.0)
+    warmup_steps: int = _opt(100, lo=0)
+    minutes: float = _opt(0.0, lo=0.0, doc="wall-clock budget; 0 = run all steps")
+
+
+@dataclass
+class TextConfig:
+    encoder: str = _opt("sentence-transformers/all-MiniLM-L6-v2",
+                        doc="Hugging Face name or local folder")
+    max_length: int = _opt(32, lo=2, hi=1024)
+    dtype: str = _opt("float32", choices=("float32", "bfloat16"))
+    revision: str = _opt("", doc="hub revision; empty = default")
+    cache_dir: str = _opt("", doc="embedding cache folder; empty = <run>/cache")
+
+
+@dataclass
+class UNetConfig:
+    base_channels: int = _opt(64, lo=8)
+    channel_mult: list[int] = _opt([1, 2, 2])
+    num_res_blocks: int = _opt(2, lo=1)
+    cross_attn_levels: list[int] = _opt([1, 2], doc="levels with cross-attention (0 = top)")
+    self_attn: bool = _opt(True)
+    num_heads: int = _opt(4, lo=1)
+    dropout: float = _opt(0.0, lo=0.0, hi=1.0)
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = _opt("cosine", choices=("cosine", "linear"))
+    timesteps: int = _opt(1000, lo=2)
+    prediction: str = _opt("eps", choices=("eps", "v"))
+    min_snr_gamma: float = _opt(0.0, lo=0.0, doc="0 = off; 5 is the paper's value")
+    p_uncond: float = _opt(0.15, lo=0.0, hi=1.0)
+    x0_clamp: float = _opt(0.0, lo=0.0, doc="clamp x0 estimates to +-this in latent units; 0 = off")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _opt(2000, lo=1)
+    batch_size: int = _opt(128, lo=1)
+    lr: float = _opt(2e-4, lo=0.0)
+    weight_decay: float = _opt(0.0, lo=0.0)
+    warmup_steps: int = _opt(100, lo=0)
+    grad_clip: float = _opt(1.0, lo=0.0, doc="0 = off")
+    mixed_precision: str = _opt("auto", choices=("auto", "no", "bf16", "fp16"))
+    ema_decay: float = _opt(0.999, lo=0.0, hi=1.0)
+    use_cache: bool = _opt(True, doc="cache latents and text embeddings once")
+    log_every: int = _opt(25, lo=1)
+    checkpoint_every: int = _opt(500, lo=1)
+    sample_every: int = _opt(500, lo=1)
+    seed: int = _opt(0, lo=0)
+    minutes: float = _opt(0.0, lo=0.0, doc="wall-clock budget; 0 = run all steps")
+    validation_prompts: list[str] = _opt(["a red circle", "a blue square on the left",
+                                          "a small green triangle at the top",
+                                          "a yellow cross left of a purple square"])
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = _opt("dpmpp-2m", choices=("ddpm", "ddim", "dpmpp-2m"))
+    steps: int = _opt(20, lo=1)
+    guidance: float = _opt(5.0, lo=0.0)
+    guidance_rescale: float = _opt(0.0, lo=0.0, hi=1.0)
+    eta: float = _opt(0.0, lo=0.0, hi=1.0)
+    n: int = _opt(8, lo=1)
+    seed: int = _opt(0, lo=0)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save_json(self, path: str | Path) -> None:
+        from ldmkit.io import write_json_atomic  # local: io imports nothing from here
+
+        write_json_atomic(path, self.to_dict())
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or the defaults), apply `section.key=value` overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    raw: dict = {}
+    if path is not None:
+        raw = _read_toml(Path(path))
+    for item in overrides or []:
+        section, key, value = _parse_override(item)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        raw[section][key] = value
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    """Build and validate a Config from nested dicts (TOML or JSON shaped)."""
+    cfg = Config()
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}] "
+                              f"(known: {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of keys")
+        target = getattr(cfg, section)
+        known = {f.name: f for f in dataclasses.fields(target)}
+        hints = typing.get_type_hints(type(target))
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key {section}.{key} "
+                                  f"(known: {', '.join(known)})")
+            setattr(target, key, _check_value(f"{section}.{key}", hints[key],
+                                                 known[key].metadata, value, source))
+    _check_cross_field(cfg, source)
+    return cfg
+
+
+def load_config_json(path: str | Path) -> Config:
+    """Load a resolved config saved by `Config.save_json` (validated again)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config JSON ({exc})") from exc
+    return config_from_dict(raw, str(path))
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    dotted, text = item.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:  # TOML syntax first (numbers, bools, lists, quoted strings) ...
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # ... and a bare word is a string: data.dataset=coco
+    return section, key, value
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_value(name: str, expected: Any, meta: Any, value: Any, source: str) -> Any:
+    value = _coerce(name, expected, value, source)
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if meta.get("choices") and item not in meta["choices"]:
+            raise ConfigError(f"{source}: {name} = {item!r} is not one of "
+                              f"{', '.join(map(repr, meta['choices']))}")
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            if meta.get("lo") is not None and item < meta["lo"]:
+                raise ConfigError(f"{source}: {name} = {item!r} is out of range (must be >= {meta['lo']})")
+            if meta.get("hi") is not None and item > meta["hi"]:
+                raise ConfigError(f"{source}: {name} = {item!r} is out of range (must be <= {meta['hi']})")
+    return value
+
+
+def _coerce(name: str, expected: Any, value: Any, source: str) -> Any:
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (inner,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {name} must be a list of {inner.__name__}, got {value!r}")
+        return [_coerce(f"{name}[{i}]", inner, v, source) for i, v in enumerate(value)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(f"{source}: {name} must be {expected.__name__}, "
+                          f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_cross_field(cfg: Config, source: str) -> None:
+    levels = cfg.vae.downsample_factor.bit_length()  # log2(f) + 1 for a power of two
+    if len(cfg.vae.channel_mult) != levels:
+        raise ConfigError(f"{source}: vae.channel_mult has {len(cfg.vae.channel_mult)} entries; "
+                          f"downsample_factor {cfg.vae.downsample_factor} needs {levels}")
+    if cfg.data.image_size % cfg.vae.downsample_factor:
+        raise ConfigError(f"{source}: data.image_size = {cfg.data.image_size} is not divisible "
+                          f"by vae.downsample_factor = {cfg.vae.downsample_factor}")
+    bad = [lvl for lvl in cfg.unet.cross_attn_levels if not 0 <= lvl < len(cfg.unet.channel_mult)]
+    if bad:
+        raise ConfigError(f"{source}: unet.cross_attn_levels {bad} outside 0..{len(cfg.unet.channel_mult) - 1}")
+    if cfg.data.dataset in ("coco", "folder") and not cfg.data.root:
+        raise ConfigError(f"{source}: data.root must name the folder for data.dataset = {cfg.data.dataset!r}")

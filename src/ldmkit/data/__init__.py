@@ -1,0 +1,1 @@
+"""ldmkit.data: the built-in shapes data, MS-COCO captions and image folders."""

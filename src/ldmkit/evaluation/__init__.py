@@ -1,0 +1,1 @@
+"""ldmkit.evaluation"""
