@@ -1,0 +1,107 @@
+"""Classifier-free guidance (Ho & Salimans 2022) packaged as a denoiser for the samplers.
+
+Guidance is mixed in the network's own parameterisation: out = out_u + w (out_c - out_u).
+Every conversion to eps or x0 is affine in the output with coefficients that depend only
+on (x_t, t), so mixing eps, x0 or v gives the same (x0, eps) — one formula for both.
+A negative prompt is just a different `uncond`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldmkit.diffusion.schedule import NoiseSchedule
+
+Condition = tuple[torch.Tensor, torch.Tensor]  # (tokens (B|1, L, D), mask (B|1, L) bool)
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2024, Algorithm 2: rescale the guided output to the per-sample std of the
+    conditional one, then blend with weight phi (0 = plain CFG). Counteracts the
+    over-exposure large guidance scales cause."""
+    if phi <= 0:
+        return guided
+    dims = tuple(range(1, guided.dim()))
+    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
+    return phi * guided * ratio + (1.0 - phi) * guided
+
+
+def _pad_tokens(cond: Condition, length: int) -> Condition:
+    """Pad tokens with zeros and the mask with False up to `length` (masked: no effect)."""
+    tokens, mask = cond
+    extra = length - tokens.shape[1]
+    if extra == 0:
+        return tokens, mask.bool()
+    return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask.bool(), (0, extra), value=False)
+
+
+def _expand(cond: Condition, batch: int) -> Condition:
+    tokens, mask = cond
+    if tokens.shape[0] == batch:
+        return tokens, mask
+    if tokens.shape[0] != 1:
+        raise ValueError(f"condition batch {tokens.shape[0]} is neither 1 nor the latent "
+                         f"batch {batch}")
+    return tokens.expand(batch, -1, -1), mask.expand(batch, -1)
+
+
+class CFGDenoiser:
+    """`denoiser(x_t, t) -> (x0, eps)` that runs `model(x, t, tokens, mask)` with guidance.
+
+    guidance_scale w: 1 = conditional only (the unconditional pass is skipped), 0 =
+    unconditional only; otherwise one model call over the batch [uncond; cond], or two
+    calls when `two_pass` (the seed's way, kept for the baseline benchmark).
+    guidance_rescale: Lin et al.'s phi. x0_clamp > 0 clamps x0 to +-x0_clamp (latent units)
+    and recomputes eps from the clamped x0, so the pair stays consistent with x_t.
+    """
+
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule, prediction: str,
+                 cond: Condition, uncond: Condition, guidance_scale: float,
+                 guidance_rescale: float = 0.0, x0_clamp: float = 0.0, two_pass: bool = False):
+        length = max(cond[0].shape[1], uncond[0].shape[1])
+        self.model = model
+        self.schedule = schedule
+        self.prediction = prediction
+        self.cond = _pad_tokens(cond, length)
+        self.uncond = _pad_tokens(uncond, length)
+        self.guidance_scale = float(guidance_scale)
+        self.guidance_rescale = float(guidance_rescale)
+        self.x0_clamp = float(x0_clamp)
+        self.two_pass = two_pass
+        self._joint: tuple[int, Condition] | None = None  # [uncond; cond] for one batch size
+
+    def _joint_condition(self, batch: int) -> Condition:
+        """The concatenated [uncond; cond] context, built once per batch size."""
+        if self._joint is None or self._joint[0] != batch:
+            (tu, mu), (tc, mc) = _expand(self.uncond, batch), _expand(self.cond, batch)
+            self._joint = (batch, (torch.cat([tu, tc]), torch.cat([mu, mc])))
+        return self._joint[1]
+
+    def model_output(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The guided network output, in the network's parameterisation."""
+        batch, w = x_t.shape[0], self.guidance_scale
+        if w == 1.0 or w == 0.0:  # a single half suffices
+            tokens, mask = _expand(self.cond if w == 1.0 else self.uncond, batch)
+            return self.model(x_t, t, tokens, mask).to(x_t.dtype)
+        if self.two_pass:
+            out_u = self.model(x_t, t, *_expand(self.uncond, batch))
+            out_c = self.model(x_t, t, *_expand(self.cond, batch))
+        else:
+            tokens, mask = self._joint_condition(batch)
+            out_u, out_c = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), tokens,
+                                      mask).chunk(2)
+        # mix in x_t's precision: an autocast model may hand back bf16
+        out_u, out_c = out_u.to(x_t.dtype), out_c.to(x_t.dtype)
+        guided = out_u + w * (out_c - out_u)
+        return rescale_guidance(guided, out_c, self.guidance_rescale)
+
+    @torch.no_grad()
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model_output(x_t, t)
+        x0, eps = self.schedule.split_prediction(out, x_t, t, self.prediction)
+        if self.x0_clamp > 0:
+            x0 = x0.clamp(-self.x0_clamp, self.x0_clamp)
+            eps = self.schedule.eps_from_x0(x_t, t, x0)
+        return x0, eps

@@ -1,0 +1,336 @@
+"""The shapes judge: a small CNN that reads colour, shape, size and position off a 64x64
+image of the built-in shapes data, so prompt fidelity of generated images can be measured.
+
+It predicts a *layout* (one object, two side by side, two stacked) and, per slot, the
+object's attributes: slot A is the single object or the left/top one, slot B the
+right/bottom one. Judged two-object scenes therefore always come back as "A left of B" or
+"A above B"; `fidelity_match` canonicalises prompts the same way so "B right of A" agrees.
+
+Trained on real rendered images (every colour/shape pair, held-out ones included) with
+blur, noise, softness and colour jitter, because what it judges are VAE decodes of
+diffusion samples, which are a little soft. Shipped weights: judge.safetensors beside
+this file, written by scripts/train_judge.py.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldmkit.data.shapes import (COLORS, POSITIONS, SHAPES, SIZES, PromptSpec, Scene,
+                                ShapeObject, ShapesDataset, spec_matches)
+from ldmkit.errors import UserError
+from ldmkit.io import load_state_into, read_json, save_tensors_atomic, write_json_atomic
+from ldmkit.models.layers import group_norm
+
+IMAGE_SIZE = 64
+LAYOUTS = ("single", "horizontal", "vertical")
+COLOR_NAMES = tuple(COLORS)
+# Relation of a judged two-object scene per layout; slot A is always objects[0].
+LAYOUT_RELATION = {"horizontal": "left of", "vertical": "above"}
+LAYOUT_POSITIONS = {"horizontal": ("left", "right"), "vertical": ("top", "bottom")}
+# "X right of Y" says the same as "Y left of X": flip to the two canonical relations.
+FLIPPED = {"right of": "left of", "below": "above"}
+IGNORE = -100  # cross_entropy's ignore_index: slot B of a single-object scene has no label
+
+HEADS = {
+    "layout": len(LAYOUTS), "position": len(POSITIONS),
+    "color_a": len(COLORS), "shape_a": len(SHAPES), "size_a": len(SIZES),
+    "color_b": len(COLORS), "shape_b": len(SHAPES), "size_b": len(SIZES),
+}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class ShapesJudge(nn.Module):
+    """Strided convs down to 4x4, then a linear layer over the *flattened* map: position
+    is an answer here, so the features keep where things are instead of pooling it away."""
+
+    def __init__(self, width: int = 32, hidden: int = 128):
+        super().__init__()
+        self.config = {"width": width, "hidden": hidden}
+        chans = [3, width, 2 * width, 2 * width, 4 * width, 4 * width]
+        layers: list[nn.Module] = []
+        for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
+            stride = 1 if i == 0 else 2  # 64 -> 64 -> 32 -> 16 -> 8 -> 4
+            layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), group_norm(cout),
+                       nn.SiLU()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(chans[-1] * 16, hidden), nn.SiLU())
+        self.heads = nn.Linear(hidden, sum(HEADS.values()))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.heads(self.fc(self.features(x)))
+        return dict(zip(HEADS, logits.split(list(HEADS.values()), dim=1)))
+
+
+def _to_judge_input(images: torch.Tensor) -> torch.Tensor:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise UserError(f"judge expects images (N, 3, H, W), got {tuple(images.shape)}")
+    images = images.float().clamp(-1, 1)
+    if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
+                               antialias=True, align_corners=False)
+    return images
+
+
+@torch.no_grad()
+def predict(judge: ShapesJudge, images: torch.Tensor, batch_size: int = 256
+            ) -> dict[str, torch.Tensor]:
+    """Class index per head for each image (N, 3, H, W) in [-1, 1]."""
+    judge.eval()
+    device = next(judge.parameters()).device
+    images = _to_judge_input(images)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in HEADS}
+    for chunk in images.split(batch_size):
+        logits = judge(chunk.to(device))
+        for k, v in logits.items():
+            out[k].append(v.argmax(1).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def judge_images(judge: ShapesJudge, images: torch.Tensor) -> list[Scene]:
+    """The scene the judge sees in each image, as a Scene (two-object scenes canonical:
+    objects[0] is the left/top one, relation "left of" or "above")."""
+    pred = predict(judge, images)
+    return [_scene_from_prediction({k: int(v[i]) for k, v in pred.items()})
+            for i in range(len(images))]
+
+
+def _scene_from_prediction(p: dict[str, int]) -> Scene:
+    def obj(slot: str, position: str) -> ShapeObject:
+        return ShapeObject(COLOR_NAMES[p[f"color_{slot}"]], SHAPES[p[f"shape_{slot}"]],
+                           SIZES[p[f"size_{slot}"]], position)
+
+    layout = LAYOUTS[p["layout"]]
+    if layout == "single":
+        return Scene((obj("a", POSITIONS[p["position"]]),), None)
+    pos_a, pos_b = LAYOUT_POSITIONS[layout]
+    return Scene((obj("a", pos_a), obj("b", pos_b)), LAYOUT_RELATION[layout])
+
+
+# ----------------------------------------------------------------------------- matching
+
+
+def canonical_scene(scene: Scene) -> Scene:
+    """Two-object scenes rewritten as "left of" / "above", objects reordered to match:
+    the judge's slot A is then always objects[0]."""
+    if scene.relation in FLIPPED:
+        return Scene((scene.objects[1], scene.objects[0]), FLIPPED[scene.relation])
+    return scene
+
+
+def fidelity_match(spec: PromptSpec, scene: Scene) -> bool:
+    """Does the (judged) scene show everything the prompt states? `spec_matches` reads a
+    relation either way round, so "B right of A" matches a judged "A left of B"."""
+    return spec_matches(spec, scene)
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def scene_labels(scene: Scene) -> dict[str, int]:
+    """Targets for every head; slot B of a single object is IGNORE. The position head is
+    trained on single objects only: for two objects the layout carries the position."""
+    scene = canonical_scene(scene)
+    a = scene.objects[0]
+    labels = {"layout": 0, "position": POSITIONS.index(a.position)}
+    if len(scene.objects) == 2:
+        labels["layout"] = 1 if scene.relation == "left of" else 2
+        labels["position"] = IGNORE
+    labels.update(_object_labels(a, "a"))
+    if len(scene.objects) == 2:
+        labels.update(_object_labels(scene.objects[1], "b"))
+    else:
+        labels.update({f"{k}_b": IGNORE for k in ("color", "shape", "size")})
+    return labels
+
+
+def _object_labels(obj: ShapeObject, slot: str) -> dict[str, int]:
+    return {f"color_{slot}": COLOR_NAMES.index(obj.color),
+            f"shape_{slot}": SHAPES.index(obj.shape), f"size_{slot}": SIZES.index(obj.size)}
+
+
+def render_labelled(num_items: int, seed: int, split: str = "train"
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Scene]]:
+    """Real images of every colour/shape pair (held-out ones included), with head targets."""
+    data = ShapesDataset(image_size=IMAGE_SIZE, num_items=num_items, seed=seed,
+                         include_heldout=True, split=split)
+    images, scenes = [], []
+    for i in range(num_items):
+        image, _, scene = data.item(i)
+        images.append(image)
+        scenes.append(scene)
+    rows = [scene_labels(s) for s in scenes]
+    labels = {k: torch.tensor([r[k] for r in rows]) for k in HEADS}
+    return torch.stack(images), labels, scenes
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Make real renders look like VAE decodes of samples: soft, slightly noisy, a little
+    off in colour. Strengths stay well below what would change a label."""
+    n = x.shape[0]
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
+
+    x = _shift(x, gen)
+    x = _soften(x, gen)
+    x = _blur(x, u(0.0, 1.0))
+    gain, offset = u(0.93, 1.07, 3, 1, 1), u(-0.06, 0.06, 3, 1, 1)
+    x = x * gain + offset + u(-0.05, 0.05, 1, 1, 1)
+    x = x + u(0.0, 0.05, 1, 1, 1) * torch.randn(x.shape, generator=gen)
+    return x.clamp(-1, 1)
+
+
+def _shift(x: torch.Tensor, gen: torch.Generator, max_px: int = 3) -> torch.Tensor:
+    """Translate each image by up to max_px: generated objects sit a little off their
+    nominal spots. Positions are 16 px apart, so 3 px (+ the renderer's 2.6 px jitter)
+    stays clear of the boundary halfway between two positions."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_px,) * 4, mode="replicate")  # background is flat grey
+    dx, dy = (torch.randint(0, 2 * max_px + 1, (n,), generator=gen) for _ in range(2))
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+def _soften(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Down- then up-sample a random half of the batch (JPEG / decoder-like softness)."""
+    pick = torch.rand(x.shape[0], generator=gen) < 0.5
+    if not pick.any():
+        return x
+    size = int(torch.randint(24, 48, (1,), generator=gen))
+    small = F.interpolate(x[pick], size=(size, size), mode="bilinear", antialias=True)
+    x = x.clone()
+    x[pick] = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return x
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per image (sigma 0 leaves it unchanged)."""
+    n, c, h, w = x.shape
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    s = sigma.clamp_min(1e-3)[:, None]
+    k = torch.exp(-0.5 * (offsets[None] / s) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n*c, 2r+1)
+    y = F.pad(x.reshape(1, n * c, h, w), (radius,) * 4, mode="replicate")
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_judge(steps: int = 1500, seed: int = 0, batch_size: int = 128,
+                num_items: int = 12000, lr: float = 3e-3, width: int = 32,
+                bf16: bool = True, log: Callable[[str], None] | None = None) -> ShapesJudge:
+    """Train a judge from scratch on real renders with augmentation (CPU, a few minutes)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    images, labels, _ = render_labelled(num_items, seed, "train")
+    judge = ShapesJudge(width=width)
+    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
+    # One-cycle: a short warm-up, then cosine decay to zero, so a fixed step count is enough.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=0.1)
+    judge.train()
+    start = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, num_items, (batch_size,), generator=gen)
+        x = augment(images[idx], gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = judge(x)
+        loss = sum(F.cross_entropy(logits[k].float(), labels[k][idx], ignore_index=IGNORE)
+                   for k in HEADS)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log and (step % 100 == 0 or step == steps - 1):
+            log(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:.0f}s")
+    judge.eval()
+    return judge
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+def judge_accuracy(judge: ShapesJudge, n: int = 1000, seed: int = 1234,
+                   augmented: bool = False) -> dict[str, float]:
+    """Per-attribute accuracy on fresh real images (a seed the judge never trained on).
+
+    colour / shape / size: per object, slot by slot (so objects judged on the wrong side
+    count as wrong). position: per scene; a single object's position class, or for two
+    objects the layout (side by side vs stacked). `augmented` judges degraded copies."""
+    images, labels, _ = render_labelled(n, seed, "val")
+    if augmented:
+        images = augment(images, torch.Generator().manual_seed(seed))
+    pred = predict(judge, images)
+    single = labels["layout"] == 0
+    layout_ok = pred["layout"] == labels["layout"]
+    acc = {}
+    for attr in ("color", "shape", "size"):
+        ok_a = layout_ok & (pred[f"{attr}_a"] == labels[f"{attr}_a"])
+        ok_b = layout_ok & (pred[f"{attr}_b"] == labels[f"{attr}_b"])
+        correct = ok_a.sum() + ok_b[~single].sum()
+        acc[attr] = float(correct) / float(n + (~single).sum())
+    pos_ok = torch.where(single, layout_ok & (pred["position"] == labels["position"]), layout_ok)
+    acc["position"] = float(pos_ok.float().mean())
+    return acc
+
+
+def scene_accuracy(judge: ShapesJudge, n: int = 1000, seed: int = 1234) -> float:
+    """Fraction of fresh real images whose whole judged scene is right."""
+    images, _, scenes = render_labelled(n, seed, "val")
+    judged = judge_images(judge, images)
+    return sum(_same_scene(j, s) for j, s in zip(judged, scenes)) / n
+
+
+def _same_scene(judged: Scene, truth: Scene) -> bool:
+    judged, truth = canonical_scene(judged), canonical_scene(truth)
+    if len(truth.objects) == 2:  # judged two-object positions follow from the layout
+        return judged.relation == truth.relation and all(
+            (a.color, a.shape, a.size) == (b.color, b.shape, b.size)
+            for a, b in zip(judged.objects, truth.objects)) and len(judged.objects) == 2
+    return judged == truth
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def default_weights_path() -> Path:
+    return Path(str(importlib.resources.files("ldmkit.evaluation") / "judge.safetensors"))
+
+
+def save_judge(judge: ShapesJudge, path: str | Path, meta: dict) -> None:
+    """Weights as safetensors, and beside them a JSON file with the architecture + meta."""
+    path = Path(path)
+    save_tensors_atomic(path, judge.state_dict())
+    write_json_atomic(path.with_suffix(".json"), {"architecture": judge.config, **meta})
+
+
+def load_judge(path: str | Path | None = None) -> ShapesJudge:
+    """The shipped judge (or one at `path`), ready to judge; never unpickles anything."""
+    path = Path(path) if path else default_weights_path()
+    meta = read_json(path.with_suffix(".json"), "judge metadata")
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict):
+        raise UserError(f"{path.with_suffix('.json')}: missing 'architecture'")
+    judge = ShapesJudge(**arch)
+    load_state_into(judge, path)
+    return judge.eval()
+
+
+def judge_parameters(judge: ShapesJudge) -> int:
+    return sum(math.prod(p.shape) for p in judge.parameters())

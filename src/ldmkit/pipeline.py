@@ -1,0 +1,198 @@
+"""TextToImagePipeline: prompt -> text embeddings -> guided sampler over latents -> VAE decode.
+
+The model directory (like a diffusers repo, loaded without executing anything from it):
+
+    model_index.json     what this folder is, and the ldmkit version that wrote it
+    vae/                 config.json + model.safetensors (with the latent scale factor)
+    unet/                config.json + model.safetensors (the EMA weights)
+    text_encoder.json    Hugging Face name or path of the frozen encoder, max_length, dtype
+    scheduler.json       schedule kind, T, the U-Net's prediction type, x0 clamp
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from ldmkit import __version__
+from ldmkit.diffusion.guidance import CFGDenoiser
+from ldmkit.diffusion.samplers import SAMPLERS, run_sampler
+from ldmkit.diffusion.schedule import PREDICTIONS, NoiseSchedule
+from ldmkit.errors import UserError
+from ldmkit.io import read_json, write_json_atomic
+from ldmkit.models.text import TextEmbeddings, TextEncoder
+from ldmkit.models.unet import UNet
+from ldmkit.models.vae import AutoencoderKL
+from ldmkit.viz import to_pil
+
+REQUIRED_FILES = ("model_index.json", "scheduler.json", "text_encoder.json",
+                  "vae/config.json", "vae/model.safetensors",
+                  "unet/config.json", "unet/model.safetensors")
+# Formats that unpickle (run code) when loaded: a folder holding one is refused outright.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+class TextToImagePipeline:
+    """Generate images from prompts with classifier-free guidance."""
+
+    def __init__(self, vae: AutoencoderKL, unet: UNet, text_encoder: TextEncoder,
+                 schedule: NoiseSchedule, prediction: str = "eps", x0_clamp: float = 0.0,
+                 image_size: int | None = None):
+        if unet.in_channels != vae.config.latent_channels:
+            raise UserError(f"unet in_channels {unet.in_channels} != vae latent_channels "
+                            f"{vae.config.latent_channels}")
+        if unet.context_dim != text_encoder.hidden_size:
+            raise UserError(f"unet context_dim {unet.context_dim} != text encoder hidden size "
+                            f"{text_encoder.hidden_size} ({text_encoder.name})")
+        self.vae, self.unet = vae.eval(), unet.eval()
+        self.text_encoder, self.schedule = text_encoder, schedule
+        self.prediction, self.x0_clamp = prediction, x0_clamp
+        self.image_size = image_size or vae.image_size or 64
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device: str | torch.device) -> TextToImagePipeline:
+        self.vae.to(device), self.unet.to(device), self.text_encoder.to(device)
+        return self
+
+    # ------------------------------------------------------------------ generation
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        h, w = self.vae.latent_size(self.image_size)
+        return batch, self.vae.config.latent_channels, h, w
+
+    def denoiser(self, cond: TextEmbeddings, uncond: TextEmbeddings, guidance_scale: float,
+                 guidance_rescale: float = 0.0, two_pass: bool = False) -> CFGDenoiser:
+        device = self.device
+        return CFGDenoiser(self.unet, self.schedule, self.prediction,
+                           (cond.tokens.to(device), cond.mask.to(device)),
+                           (uncond.tokens.to(device), uncond.mask.to(device)),
+                           guidance_scale, guidance_rescale, self.x0_clamp, two_pass)
+
+    @torch.no_grad()
+    def generate_latents(self, prompts: Sequence[str], negative_prompt: str | None = None,
+                         num_inference_steps: int = 25, guidance_scale: float = 5.0,
+                         sampler: str = "dpmpp-2m", generator: torch.Generator | None = None,
+                         callback: StepCallback | None = None, eta: float = 0.0,
+                         guidance_rescale: float = 0.0, two_pass: bool = False) -> torch.Tensor:
+        """Scaled latents for a list of prompts (one image each)."""
+        if sampler not in SAMPLERS:
+            raise UserError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if not 1 <= num_inference_steps <= self.schedule.timesteps:
+            raise UserError(f"num_inference_steps = {num_inference_steps} must be in "
+                            f"1..{self.schedule.timesteps}")
+        cond = self.text_encoder.encode(list(prompts))
+        uncond = (self.text_encoder.null() if negative_prompt is None
+                  else self.text_encoder.encode([negative_prompt]))
+        # Noise is drawn on the CPU so a seed gives the same images on any device.
+        x_T = torch.randn(self.latent_shape(len(prompts)), generator=generator).to(self.device)
+        denoiser = self.denoiser(cond, uncond, guidance_scale, guidance_rescale, two_pass)
+        return run_sampler(sampler, denoiser, x_T, self.schedule, num_inference_steps,
+                           eta=eta, generator=_device_generator(generator, self.device),
+                           callback=callback)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1]."""
+        return self.vae.decode_latents(latents.to(self.device)).clamp(-1, 1).float().cpu()
+
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | None = None,
+                 num_inference_steps: int = 25, guidance_scale: float = 5.0,
+                 sampler: str = "dpmpp-2m", generator: torch.Generator | None = None,
+                 callback: StepCallback | None = None, num_images_per_prompt: int = 1,
+                 eta: float = 0.0, guidance_rescale: float = 0.0) -> list[Image.Image]:
+        """PIL images, `num_images_per_prompt` per prompt; deterministic for a generator.
+        `callback(step_index, t, x_t, x0_hat)` sees every step (latents, scaled)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        latents = self.generate_latents(prompts, negative_prompt, num_inference_steps,
+                                        guidance_scale, sampler, generator, callback, eta,
+                                        guidance_rescale)
+        return to_pil(self.decode(latents))
+
+    # ------------------------------------------------------------------ folder format
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.vae.save_pretrained(directory / "vae", image_size=self.image_size)
+        self.unet.save_pretrained(directory / "unet")
+        enc = self.text_encoder
+        write_json_atomic(directory / "text_encoder.json", {
+            "name": enc.name, "revision": enc.revision, "max_length": enc.max_length,
+            "dtype": enc.dtype, "hidden_size": enc.hidden_size})
+        write_json_atomic(directory / "scheduler.json", {
+            **self.schedule.to_dict(), "prediction": self.prediction, "x0_clamp": self.x0_clamp})
+        # Written last: a folder without it was interrupted mid-save and is refused.
+        write_json_atomic(directory / "model_index.json", {
+            "_class_name": "TextToImagePipeline", "ldmkit_version": __version__,
+            "image_size": self.image_size,
+            "components": {"vae": "vae", "unet": "unet", "text_encoder": "text_encoder.json",
+                           "scheduler": "scheduler.json"}})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        text_encoder: TextEncoder | None = None) -> TextToImagePipeline:
+        """Load a model folder; anything missing, pickled or inconsistent -> UserError.
+        Pass `text_encoder` to reuse one already loaded (it must match the folder's)."""
+        directory = check_model_dir(directory)
+        index = read_json(directory / "model_index.json", "model index")
+        scheduler = read_json(directory / "scheduler.json", "scheduler config")
+        schedule = NoiseSchedule.from_dict(scheduler, str(directory / "scheduler.json"))
+        prediction = scheduler.get("prediction", "eps")
+        if prediction not in PREDICTIONS:
+            raise UserError(f"{directory / 'scheduler.json'}: prediction = {prediction!r} "
+                            f"is not one of {', '.join(PREDICTIONS)}")
+        text_encoder = text_encoder or _load_text_encoder(directory / "text_encoder.json")
+        vae = AutoencoderKL.from_pretrained(directory / "vae", device)
+        unet = UNet.from_pretrained(directory / "unet", device)
+        try:
+            pipe = cls(vae, unet, text_encoder, schedule, prediction,
+                       float(scheduler.get("x0_clamp", 0.0)), index.get("image_size"))
+        except UserError as exc:
+            raise UserError(f"{directory}: components do not fit together: {exc}") from None
+        return pipe.to(device)
+
+
+def check_model_dir(directory: str | Path) -> Path:
+    """Refuse a folder that is missing, incomplete, or holds pickled weights."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: model folder not found")
+    pickles = sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                     if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"{directory}: refusing a model folder with pickle files "
+                        f"({', '.join(pickles)}); ldmkit loads safetensors only")
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        raise UserError(f"{directory}: not an ldmkit model folder, missing {', '.join(missing)}")
+    return directory
+
+
+def _load_text_encoder(path: Path) -> TextEncoder:
+    spec = read_json(path, "text encoder reference")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise UserError(f"{path}: expected a JSON object with a string 'name'")
+    encoder = TextEncoder(spec["name"], int(spec.get("max_length", 77)),
+                          spec.get("dtype", "float32"), spec.get("revision", ""))
+    if spec.get("hidden_size") not in (None, encoder.hidden_size):
+        raise UserError(f"{path}: hidden_size {spec['hidden_size']} does not match the "
+                        f"encoder {spec['name']} ({encoder.hidden_size})")
+    return encoder
+
+
+def _device_generator(generator: torch.Generator | None, device: torch.device
+                      ) -> torch.Generator | None:
+    """Stochastic samplers draw step noise on the latents' device; derive a generator there
+    from the caller's so results stay deterministic."""
+    if generator is None or generator.device == device:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device).manual_seed(seed)

@@ -1,0 +1,252 @@
+"""The one checkpoint writer and reader every trainer uses.
+
+Layout of a checkpoints folder:
+
+    step-00000500/<module>.safetensors   weights, one file per named module (e.g. unet, ema)
+    step-00000500/state.safetensors      every tensor of the optimizer / scheduler / scaler / RNG
+    step-00000500/state.json             the rest of that state, plus step and `extra`
+    latest                               the name of the newest complete checkpoint
+
+Nothing is pickled: state dicts are split into tensors (safetensors) and a JSON skeleton
+that points at them, so loading never runs code from the folder. A checkpoint is written
+into a temporary folder that is renamed into place only when complete, and `latest` is
+updated after that, so an interrupted write leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldmkit.errors import UserError
+from ldmkit.io import atomic_write, load_tensors, read_json, save_tensors_atomic, write_json_atomic
+
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint, not yet applied to any object (see `restore_checkpoint`)."""
+
+    path: Path
+    step: int
+    modules: dict[str, dict[str, torch.Tensor]]
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    scaler: dict | None = None
+    rng: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(directory: str | Path, step: int, modules: dict[str, nn.Module],
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    extra: dict | None = None, scaler: Any = None, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`.
+    `modules` are unwrapped modules (not DDP wrappers); call on the main process only."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=directory))
+    trash = None
+    try:
+        _write_contents(tmp, step, modules, optimizer, scheduler, scaler, extra or {})
+        final = directory / name
+        if final.exists():  # re-saving a step: move the old copy aside, drop it after
+            trash = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=directory))
+            os.replace(final, trash / name)
+        os.replace(tmp, final)
+        atomic_write(directory / "latest", lambda p: p.write_text(name + "\n"))
+    finally:
+        for leftover in (tmp, trash):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+    _prune(directory, keep)
+    return final
+
+
+def _write_contents(folder: Path, step: int, modules: dict[str, nn.Module], optimizer: Any,
+                    scheduler: Any, scaler: Any, extra: dict) -> None:
+    for module_name, module in modules.items():
+        save_tensors_atomic(folder / f"{module_name}.safetensors", module.state_dict())
+    tensors: dict[str, torch.Tensor] = {}
+    state = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "modules": sorted(modules),
+        "optimizer": _encode(optimizer.state_dict(), tensors, "optimizer") if optimizer else None,
+        "scheduler": _encode(scheduler.state_dict(), tensors, "scheduler") if scheduler else None,
+        "scaler": _encode(scaler.state_dict(), tensors, "scaler") if scaler else None,
+        "rng": _encode(rng_state(), tensors, "rng"),
+        "extra": extra,
+    }
+    save_tensors_atomic(folder / "state.safetensors", tensors)
+    write_json_atomic(folder / "state.json", state)
+
+
+def _prune(directory: Path, keep: int) -> None:
+    for old in _step_dirs(directory)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_latest_checkpoint(directory: str | Path) -> Checkpoint | None:
+    """The newest complete checkpoint in `directory`, or None when there is none. Follows
+    `latest`; if that pointer is missing or dangling (a crash between the rename and the
+    pointer update), falls back to the highest-numbered complete step folder."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    pointer = directory / "latest"
+    if pointer.is_file():
+        target = directory / pointer.read_text().strip()
+        if STEP_DIR.match(target.name) and (target / "state.json").is_file():
+            return load_checkpoint(target)
+    for candidate in _step_dirs(directory):
+        if (candidate / "state.json").is_file():
+            return load_checkpoint(candidate)
+    return None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read one checkpoint folder; a corrupted file raises UserError naming it."""
+    path = Path(path)
+    state = read_json(path / "state.json", "checkpoint state")
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise UserError(f"{path / 'state.json'}: not an ldmkit checkpoint "
+                        f"(format {FORMAT_VERSION} expected)")
+    tensors = load_tensors(path / "state.safetensors")
+    try:
+        return Checkpoint(
+            path=path, step=int(state["step"]),
+            modules={m: load_tensors(path / f"{m}.safetensors") for m in state["modules"]},
+            optimizer=_decode(state["optimizer"], tensors),
+            scheduler=_decode(state["scheduler"], tensors),
+            scaler=_decode(state["scaler"], tensors),
+            rng=_decode(state["rng"], tensors),
+            extra=state.get("extra") or {})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: checkpoint state is incomplete or corrupted ({exc!r})") from None
+
+
+def restore_checkpoint(ckpt: Checkpoint, modules: dict[str, nn.Module],
+                       optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                       scaler: Any = None, restore_rng: bool = True) -> int:
+    """Load a checkpoint's state into live objects; returns the step to continue from."""
+    missing = sorted(set(modules) - set(ckpt.modules))
+    if missing:
+        raise UserError(f"{ckpt.path}: checkpoint has no weights for {missing}")
+    for name, module in modules.items():
+        try:
+            module.load_state_dict(ckpt.modules[name], strict=True)
+        except RuntimeError as exc:
+            raise UserError(f"{ckpt.path / (name + '.safetensors')}: weights do not match "
+                            f"the model config ({exc})") from None
+    for what, obj, saved in (("optimizer", optimizer, ckpt.optimizer),
+                             ("scheduler", scheduler, ckpt.scheduler),
+                             ("scaler", scaler, ckpt.scaler)):
+        if obj is not None and saved is not None:
+            try:
+                obj.load_state_dict(saved)
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise UserError(f"{ckpt.path}: saved {what} state does not fit ({exc})") from None
+    if restore_rng and ckpt.rng is not None:
+        set_rng_state(ckpt.rng)
+    return ckpt.step
+
+
+def _step_dirs(directory: Path) -> list[Path]:
+    """Step folders, newest first."""
+    found = [p for p in directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and \
+            len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- codec
+# JSON has no tensors, tuples, arrays or integer keys; these markers carry them. Floats
+# survive JSON exactly (Python writes the shortest repr that reads back to the same bits).
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors, f"{path}.k{i}"), _encode(v, tensors, f"{path}.{k}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {path} in a checkpoint")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def previous_checkpoint(ckpt_dir: str | Path, resume: bool) -> Checkpoint | None:
+    """The checkpoint a run continues from: refuses to silently overwrite a run that has
+    checkpoints unless `resume`, and starts fresh (saying so) when there is none."""
+    ckpt = load_latest_checkpoint(ckpt_dir)
+    if ckpt is not None and not resume:
+        raise UserError(f"{ckpt_dir}: this run directory already holds checkpoints; pass "
+                        "--resume to continue it or choose another --out")
+    if resume and ckpt is None:
+        print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+    return ckpt

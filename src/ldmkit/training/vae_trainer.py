@@ -1,0 +1,195 @@
+"""Stage 1: train the KL-VAE, then compute its latent scale factor and show what it learnt.
+
+A straight line from config to loop (on Hugging Face Accelerate, so `accelerate launch`
+spreads it over processes). Settings come from two config sections: [vae] holds what is
+particular to this stage (architecture, kl_weight, steps, batch_size, lr, warmup_steps,
+minutes), [train] what every trainer shares (mixed_precision, grad_clip, weight_decay,
+log_every, checkpoint_every, seed).
+
+A run directory ends up holding:
+    config.json          the resolved config the run started with
+    metrics.jsonl        step, losses, lr, images/s
+    recon.png, kl.png    loss curves
+    reconstructions.png  held-out originals (upper rows) above their reconstructions
+    samples.png          decoded random latents
+    summary.json         held-out PSNR / SSIM, scale factor, time, skipped data items
+    checkpoints/         resumable state (see training/checkpoint.py)
+    model/               the trained VAE: config.json (with scale_factor) + model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ldmkit.config import Config
+from ldmkit.errors import UserError
+from ldmkit.io import write_json_atomic
+from ldmkit.models.vae import AutoencoderKL, vae_loss
+from ldmkit.training.checkpoint import load_latest_checkpoint, restore_checkpoint, save_checkpoint
+from ldmkit.training.common import (Budget, MetricsLogger, RunningMean, Throughput,
+                                    infinite_loader, make_accelerator, make_lr_schedule,
+                                    make_optimizer)
+
+GRID_IMAGES = 8  # held-out images shown in the reconstruction grid
+SCALE_SAMPLE = 512  # training images encoded to estimate the latent std
+
+
+def cli_train_vae(args: argparse.Namespace) -> int:
+    from ldmkit.cli import config_from_args
+
+    model_dir = train_vae(config_from_args(args), Path(args.out), resume=args.resume)
+    print(f"VAE saved to {model_dir}")
+    return 0
+
+
+def train_vae(cfg: Config, out_dir: Path, resume: bool = False) -> Path:
+    """Train (or resume) a VAE run in `out_dir`; returns the saved model folder."""
+    from ldmkit.data import build_dataset
+
+    out_dir = Path(out_dir)
+    ckpt = _previous_checkpoint(out_dir / "checkpoints", resume)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    torch.manual_seed(cfg.train.seed)  # the weights' init; RNG state comes back on resume
+    train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+
+    vae = AutoencoderKL(cfg.vae, image_size=cfg.data.image_size)
+    optimizer = make_optimizer(vae.parameters(), cfg.vae.lr, cfg.train.weight_decay)
+    budget = Budget(cfg.vae.steps, cfg.vae.minutes, elapsed=ckpt.extra.get("elapsed", 0.0) if ckpt else 0.0)
+    scheduler = make_lr_schedule(optimizer, cfg.vae.warmup_steps, cfg.vae.steps,
+                                 progress=budget.progress if cfg.vae.minutes else None)
+    step = restore_checkpoint(ckpt, {"vae": vae}, optimizer, scheduler,
+                              scaler=accelerator.scaler) if ckpt else 0
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save_json(out_dir / "config.json")
+        if ckpt:
+            print(f"resuming {out_dir} from step {step}")
+    model, optimizer = accelerator.prepare(vae, optimizer)
+
+    step = _train_loop(cfg, accelerator, model, vae, optimizer, scheduler, budget, train_set,
+                       out_dir, step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _finish(cfg, vae.eval(), train_set, val_set, out_dir, accelerator.device, budget, step)
+    accelerator.wait_for_everyone()
+    return out_dir / "model"
+
+
+def _previous_checkpoint(ckpt_dir: Path, resume: bool):
+    ckpt = load_latest_checkpoint(ckpt_dir)
+    if ckpt is not None and not resume:
+        raise UserError(f"{ckpt_dir}: this run directory already holds checkpoints; pass "
+                        "--resume to continue it or choose another --out")
+    if resume and ckpt is None:
+        print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _train_loop(cfg: Config, accelerator, model, vae: AutoencoderKL, optimizer, scheduler,
+                budget: Budget, train_set, out_dir: Path, step: int) -> int:
+    main = accelerator.is_main_process
+    batches = infinite_loader(train_set, cfg.vae.batch_size, seed=cfg.train.seed,
+                              start_step=step, num_workers=cfg.data.num_workers,
+                              rank=accelerator.process_index,
+                              world_size=accelerator.num_processes)
+    logger = MetricsLogger(out_dir / "metrics.jsonl", resume_step=step or None) if main else None
+    images_per_step = cfg.vae.batch_size * accelerator.num_processes
+    speed, running = Throughput(), RunningMean()
+    bar = tqdm(total=cfg.vae.steps, initial=step, disable=not main, desc="vae",
+               dynamic_ncols=True)
+    saved_at = step
+    while not budget.done(step):
+        images = next(batches)[0].to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            recon, posterior = model(images)
+        loss, rec, kl = vae_loss(images, recon, posterior, cfg.vae.kl_weight, cfg.vae.recon_loss)
+        accelerator.backward(loss)
+        if cfg.train.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        ips = speed.update(images_per_step)
+        shown = running.update(loss=loss.item(), recon=rec.item(), kl=kl.item())
+        bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()} | {"img/s": f"{ips:.1f}"},
+                        refresh=False)
+        bar.update(1)
+        if main and (step % cfg.train.log_every == 0 or step == 1):
+            logger.log(step, loss=loss.item(), recon=rec.item(), kl=kl.item(),
+                       lr=scheduler.get_last_lr()[0], images_per_s=ips,
+                       elapsed_s=budget.elapsed)
+        if step % cfg.train.checkpoint_every == 0:
+            _checkpoint(accelerator, out_dir, step, vae, optimizer, scheduler, budget)
+            saved_at = step
+    bar.close()
+    if saved_at != step:  # the final state, whether steps or minutes ran out
+        _checkpoint(accelerator, out_dir, step, vae, optimizer, scheduler, budget)
+    return step
+
+
+def _checkpoint(accelerator, out_dir: Path, step: int, vae: AutoencoderKL, optimizer,
+                scheduler, budget: Budget) -> None:
+    if accelerator.is_main_process:
+        save_checkpoint(out_dir / "checkpoints", step, {"vae": vae}, optimizer, scheduler,
+                        extra={"elapsed": budget.elapsed}, scaler=accelerator.scaler)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- after training
+
+
+@torch.no_grad()
+def latent_scale_factor(vae: AutoencoderKL, dataset, n: int = SCALE_SAMPLE,
+                        batch_size: int = 64, device: torch.device | str = "cpu") -> float:
+    """1 / std of posterior samples over the first n items, so scaled latents have unit
+    variance (LDM's rescaling; the diffusion schedule assumes data of about that scale)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    latents = []
+    for start in range(0, min(n, len(dataset)), batch_size):
+        stop = min(start + batch_size, n, len(dataset))
+        x = torch.stack([dataset[i][0] for i in range(start, stop)]).to(device)
+        latents.append(vae.encode(x).sample(gen).float().cpu())
+    return float(1.0 / torch.cat(latents).std())
+
+
+def _finish(cfg: Config, vae: AutoencoderKL, train_set, val_set, out_dir: Path, device,
+            budget: Budget, step: int) -> None:
+    from ldmkit.evaluation.vae_metrics import evaluate_vae
+    from ldmkit.viz import plot_metrics, save_image_grid
+
+    scale = cfg.vae.scale_factor or latent_scale_factor(vae, train_set, device=device)
+    vae.config = dataclasses.replace(vae.config, scale_factor=scale)
+    model_dir = out_dir / "model"
+    vae.save_pretrained(model_dir, image_size=cfg.data.image_size)
+
+    metrics = out_dir / "metrics.jsonl"
+    plot_metrics(metrics, ["recon"], out_dir / "recon.png", f"reconstruction ({cfg.vae.recon_loss})")
+    plot_metrics(metrics, ["kl"], out_dir / "kl.png", "KL per image element")
+    with torch.no_grad():
+        originals = torch.stack([val_set[i][0] for i in range(min(GRID_IMAGES, len(val_set)))])
+        recon = vae(originals.to(device), sample_posterior=False)[0].cpu()
+        save_image_grid(torch.cat([originals, recon]), out_dir / "reconstructions.png",
+                        nrow=len(originals), scale=2)
+        z = torch.randn(16, cfg.vae.latent_channels, *vae.latent_size(cfg.data.image_size),
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
+        save_image_grid(vae.decode_latents(z.to(device)).cpu(), out_dir / "samples.png",
+                        nrow=8, scale=2)
+
+    quality = evaluate_vae(vae, val_set, n=len(val_set))
+    skipped = int(getattr(train_set, "skipped", 0)) + int(getattr(val_set, "skipped", 0))
+    summary = {**quality, "scale_factor": scale, "steps": step,
+               "train_seconds": budget.elapsed, "skipped_items": skipped}
+    write_json_atomic(out_dir / "summary.json", summary)
+    print(f"step {step}: held-out PSNR {quality['psnr']:.2f} dB, SSIM {quality['ssim']:.4f} "
+          f"({quality['n']} images); latent scale factor {scale:.4f}; "
+          f"training {budget.elapsed / 60:.2f} min; skipped bad data items: {skipped}")
