@@ -1,4 +1,5 @@
-"""Shared test setup: never touch the network, keep torch to the machine's 2 cores."""
+"""Shared test setup: never touch the network; one torch thread (test tensors are tiny,
+and on a 2-core machine two threads contending with anything else run 10x slower)."""
 
 import os
 
@@ -8,4 +9,4 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)

@@ -17,8 +17,8 @@ from ldmkit.diffusion.samplers import (
 )
 from ldmkit.diffusion.schedule import NoiseSchedule
 
-COSINE = dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing",
-              prediction_type="epsilon")
+COSINE = {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "trailing",
+          "prediction_type": "epsilon"}
 
 
 def fake_eps(x: torch.Tensor, t) -> torch.Tensor:
@@ -135,7 +135,7 @@ def test_full_T_ddpm_is_algorithm_2_of_ho_et_al():
     sched = NoiseSchedule("linear", T)
     betas = sched._betas.tolist()
     gen = torch.Generator().manual_seed(4)
-    x = _x_T(1).double()
+    x = _x_T(1, shape=(1, 2, 4, 4)).double()
     ab = [math.prod(1 - b for b in betas[: k + 1]) for k in range(T)]
     for t in reversed(range(T)):
         eps = fake_eps(x, t)
@@ -145,7 +145,7 @@ def test_full_T_ddpm_is_algorithm_2_of_ho_et_al():
             x = mean + math.sqrt(var) * torch.randn(x.shape, generator=gen, dtype=x.dtype)
         else:
             x = mean
-    out = sample_ddpm(eps_denoiser(sched), _x_T(1).double(), sched, T,
+    out = sample_ddpm(eps_denoiser(sched), _x_T(1, shape=(1, 2, 4, 4)).double(), sched, T,
                       generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(out, x, rtol=1e-8, atol=1e-8)
 
@@ -215,7 +215,7 @@ def test_callback_sees_every_step_in_order_with_the_denoisers_x0(name):
                 generator=torch.Generator().manual_seed(0))
     assert [f[0] for f in frames] == list(range(6))
     assert [f[1] for f in frames] == timesteps_for(sched, 6)
-    i, t, x, x0 = frames[2]
+    _, t, x, x0 = frames[2]
     expected, _ = eps_denoiser(sched)(x, torch.full((2,), t))
     torch.testing.assert_close(x0, expected)
 

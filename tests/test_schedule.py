@@ -104,7 +104,7 @@ def test_eps_x0_v_conversions_invert_each_other():
     x0 = torch.randn(6, 4, 8, 8, generator=gen, dtype=torch.float64)
     eps = torch.randn(6, 4, 8, 8, generator=gen, dtype=torch.float64)
     xt = sched.q_sample(x0, t, eps)
-    close = dict(rtol=1e-7, atol=1e-7)
+    close = {"rtol": 1e-7, "atol": 1e-7}
     torch.testing.assert_close(sched.x0_from_eps(xt, t, eps), x0, **close)
     torch.testing.assert_close(sched.eps_from_x0(xt, t, x0), eps, **close)
     v = sched.v_from(x0, eps, t)

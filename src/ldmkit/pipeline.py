@@ -11,8 +11,8 @@ The model directory (like a diffusers repo, loaded without executing anything fr
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from PIL import Image

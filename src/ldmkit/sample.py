@@ -58,9 +58,9 @@ def cli_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
-    kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, sampler=args.sampler, generator=generator,
-                  guidance_rescale=args.guidance_rescale)
+    kwargs = {"negative_prompt": args.negative_prompt, "num_inference_steps": args.steps,
+              "guidance_scale": args.guidance, "sampler": args.sampler,
+              "generator": generator, "guidance_rescale": args.guidance_rescale}
     prompts = [args.prompt] * args.n
     if args.progress:
         images, frames = sample_with_frames(pipe, prompts, **kwargs)

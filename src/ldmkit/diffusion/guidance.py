@@ -37,8 +37,9 @@ def _pad_tokens(cond: Condition, length: int) -> Condition:
     return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask.bool(), (0, extra), value=False)
 
 
-def _expand(cond: Condition, batch: int) -> Condition:
-    tokens, mask = cond
+def _expand(cond: Condition, batch: int, device: torch.device) -> Condition:
+    """Condition on `device` with `batch` rows (a batch-1 condition is broadcast)."""
+    tokens, mask = cond[0].to(device), cond[1].to(device)  # no-ops when already there
     if tokens.shape[0] == batch:
         return tokens, mask
     if tokens.shape[0] != 1:
@@ -70,26 +71,27 @@ class CFGDenoiser:
         self.guidance_rescale = float(guidance_rescale)
         self.x0_clamp = float(x0_clamp)
         self.two_pass = two_pass
-        self._joint: tuple[int, Condition] | None = None  # [uncond; cond] for one batch size
+        self._joint: tuple[tuple, Condition] | None = None  # cached [uncond; cond]
 
-    def _joint_condition(self, batch: int) -> Condition:
-        """The concatenated [uncond; cond] context, built once per batch size."""
-        if self._joint is None or self._joint[0] != batch:
-            (tu, mu), (tc, mc) = _expand(self.uncond, batch), _expand(self.cond, batch)
-            self._joint = (batch, (torch.cat([tu, tc]), torch.cat([mu, mc])))
+    def _joint_condition(self, batch: int, device: torch.device) -> Condition:
+        """The concatenated [uncond; cond] context, built once per batch size and device."""
+        key = (batch, str(device))
+        if self._joint is None or self._joint[0] != key:
+            (tu, mu), (tc, mc) = (_expand(c, batch, device) for c in (self.uncond, self.cond))
+            self._joint = (key, (torch.cat([tu, tc]), torch.cat([mu, mc])))
         return self._joint[1]
 
     def model_output(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The guided network output, in the network's parameterisation."""
-        batch, w = x_t.shape[0], self.guidance_scale
+        batch, device, w = x_t.shape[0], x_t.device, self.guidance_scale
         if w == 1.0 or w == 0.0:  # a single half suffices
-            tokens, mask = _expand(self.cond if w == 1.0 else self.uncond, batch)
+            tokens, mask = _expand(self.cond if w == 1.0 else self.uncond, batch, device)
             return self.model(x_t, t, tokens, mask).to(x_t.dtype)
         if self.two_pass:
-            out_u = self.model(x_t, t, *_expand(self.uncond, batch))
-            out_c = self.model(x_t, t, *_expand(self.cond, batch))
+            out_u = self.model(x_t, t, *_expand(self.uncond, batch, device))
+            out_c = self.model(x_t, t, *_expand(self.cond, batch, device))
         else:
-            tokens, mask = self._joint_condition(batch)
+            tokens, mask = self._joint_condition(batch, device)
             out_u, out_c = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), tokens,
                                       mask).chunk(2)
         # mix in x_t's precision: an autocast model may hand back bf16

@@ -13,7 +13,7 @@ started from and the denoiser's x0 estimate there (the progressive-sampling fram
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -33,7 +33,7 @@ def timesteps_for(schedule: NoiseSchedule, steps: int) -> list[int]:
     if not 1 <= steps <= total:
         raise ValueError(f"steps must be in 1..{total} (the schedule's T), got {steps}")
     ratio = total / steps
-    return [int(round(total - i * ratio)) - 1 for i in range(steps)]
+    return [round(total - i * ratio) - 1 for i in range(steps)]
 
 
 def _step_pairs(schedule: NoiseSchedule, steps: int) -> list[tuple[int, int]]:
@@ -130,7 +130,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x_T: torch.Tensor, schedule: NoiseSchedu
             callback(i, t, x, x0)
         if s < 0:  # sigma_s = 0: the first-order update lands exactly on x0_hat
             return x0
-        alpha_t, sigma_t, lam_t = _alpha_sigma_lambda(schedule.alpha_bar(t))
+        _, sigma_t, lam_t = _alpha_sigma_lambda(schedule.alpha_bar(t))
         alpha_s, sigma_s, lam_s = _alpha_sigma_lambda(schedule.alpha_bar(s))
         h = lam_s - lam_t
         d = x0 if prev is None else x0 + (x0 - prev[0]) * (h / (2.0 * prev[1]))

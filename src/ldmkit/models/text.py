@@ -9,7 +9,7 @@ trains. Models load from safetensors only, from a local folder, the Hugging Face
 from __future__ import annotations
 
 import hashlib
-import logging
+import numbers
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -23,8 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldmkit.errors import UserError
-
-log = logging.getLogger(__name__)
 
 PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -81,7 +79,7 @@ class TextEmbeddings:
 
     def __getitem__(self, index: int | slice | Tensor) -> TextEmbeddings:
         """Rows by int (batch dim kept), slice, index tensor or bool tensor."""
-        if isinstance(index, int):
+        if isinstance(index, numbers.Integral):
             return self._map(lambda x: x[index].unsqueeze(0))
         return self._map(lambda x: x[index])
 
@@ -206,7 +204,9 @@ class TextEncoder:
         dtype mismatch. Padded token positions are zero."""
         prompts = check_prompts(prompts)
         out = self.null().expand(len(prompts))._map(torch.Tensor.clone)
-        real = [i for i, p in enumerate(prompts) if p.strip()]
+        # Similar lengths share a batch, so padding to the batch's longest wastes little.
+        real = sorted((i for i, p in enumerate(prompts) if p.strip()),
+                      key=lambda i: len(prompts[i]))
         chunks = [real[i:i + batch_size] for i in range(0, len(real), batch_size)]
         cut: list[tuple[str, int]] = []
         for chunk in _progress(chunks, progress, "encoding captions"):

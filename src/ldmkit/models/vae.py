@@ -201,9 +201,9 @@ class AutoencoderKL(nn.Module):
     # ------------------------------------------------------------------ folder format
 
     def save_pretrained(self, directory: str | Path, image_size: int | None = None) -> None:
-        """Write `config.json` (VAEConfig + image_size) and `model.safetensors`, each
-        atomically. Weights go first: a crash in between leaves a config that names the
-        old shapes, which `from_pretrained` refuses rather than mis-loading."""
+        """Write `config.json` (VAEConfig + image_size) and `model.safetensors`, each file
+        atomically (a crash never leaves a torn file). Weights go first: a crash between
+        the two leaves the old config, whose shapes `from_pretrained` checks."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_tensors_atomic(directory / WEIGHTS_NAME, self.state_dict())

@@ -123,6 +123,18 @@ def load_latest_checkpoint(directory: str | Path) -> Checkpoint | None:
     return None
 
 
+def previous_checkpoint(directory: str | Path, resume: bool) -> Checkpoint | None:
+    """A trainer's start: the checkpoint to resume from (None = start fresh). Refuses to
+    train over a run that has checkpoints unless `resume` is set."""
+    ckpt = load_latest_checkpoint(directory)
+    if ckpt is not None and not resume:
+        raise UserError(f"{directory}: this run directory already holds checkpoints; pass "
+                        "--resume to continue it or choose another --out")
+    if resume and ckpt is None:
+        print(f"--resume: no checkpoint in {directory}, starting from scratch")
+    return ckpt
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read one checkpoint folder; a corrupted file raises UserError naming it."""
     path = Path(path)
@@ -239,14 +251,3 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
     return {k: _decode(v, tensors) for k, v in obj.items()}
 
-
-def previous_checkpoint(ckpt_dir: str | Path, resume: bool) -> Checkpoint | None:
-    """The checkpoint a run continues from: refuses to silently overwrite a run that has
-    checkpoints unless `resume`, and starts fresh (saying so) when there is none."""
-    ckpt = load_latest_checkpoint(ckpt_dir)
-    if ckpt is not None and not resume:
-        raise UserError(f"{ckpt_dir}: this run directory already holds checkpoints; pass "
-                        "--resume to continue it or choose another --out")
-    if resume and ckpt is None:
-        print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
-    return ckpt

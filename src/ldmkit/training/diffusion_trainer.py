@@ -30,8 +30,15 @@ from ldmkit.models.text import TextEncoder
 from ldmkit.models.unet import UNet
 from ldmkit.models.vae import AutoencoderKL
 from ldmkit.training.checkpoint import previous_checkpoint, restore_checkpoint, save_checkpoint
-from ldmkit.training.common import (Budget, MetricsLogger, RunningMean, Throughput,
-                                    make_accelerator, make_lr_schedule, make_optimizer)
+from ldmkit.training.common import (
+    Budget,
+    MetricsLogger,
+    RunningMean,
+    Throughput,
+    make_accelerator,
+    make_lr_schedule,
+    make_optimizer,
+)
 from ldmkit.training.latent_cache import CachedBatches, LiveBatches, cached_latents
 from ldmkit.training.text_cache import TextEmbeddingCache
 
@@ -144,6 +151,20 @@ class _Run:
         weight = self.schedule.loss_weight(t, d.prediction, d.min_snr_gamma)
         return (per_item * weight).mean()
 
+    def train_step(self, batch, step: int) -> torch.Tensor:
+        """One optimisation step on `batch` = (latents, tokens, mask): loss, backward,
+        clipping, AdamW, LR schedule, EMA. Returns the loss unread (no host sync);
+        benchmarks/ times exactly this."""
+        loss = self.loss(*batch)
+        self.acc.backward(loss)
+        if self.cfg.train.grad_clip:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.unet, ema_decay(step, self.cfg.train.ema_decay))
+        return loss
+
     def loop(self, batches, step: int) -> int:
         cfg, acc = self.cfg, self.acc
         main = acc.is_main_process
@@ -154,14 +175,7 @@ class _Run:
                    dynamic_ncols=True)
         saved_at, early_saved = step, (self.out_dir / "early").exists()
         while not self.budget.done(step):
-            loss = self.loss(*batches.next())
-            acc.backward(loss)
-            if cfg.train.grad_clip:
-                acc.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            update_ema(self.ema, self.unet, ema_decay(step, cfg.train.ema_decay))
+            loss = self.train_step(batches.next(), step)
             step += 1
 
             ips = speed.update(cfg.train.batch_size * acc.num_processes)

@@ -27,13 +27,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ldmkit.config import Config
-from ldmkit.errors import UserError
 from ldmkit.io import write_json_atomic
 from ldmkit.models.vae import AutoencoderKL, vae_loss
-from ldmkit.training.checkpoint import load_latest_checkpoint, restore_checkpoint, save_checkpoint
-from ldmkit.training.common import (Budget, MetricsLogger, RunningMean, Throughput,
-                                    infinite_loader, make_accelerator, make_lr_schedule,
-                                    make_optimizer)
+from ldmkit.training.checkpoint import previous_checkpoint, restore_checkpoint, save_checkpoint
+from ldmkit.training.common import (
+    Budget,
+    MetricsLogger,
+    RunningMean,
+    Throughput,
+    infinite_loader,
+    make_accelerator,
+    make_lr_schedule,
+    make_optimizer,
+)
 
 GRID_IMAGES = 8  # held-out images shown in the reconstruction grid
 SCALE_SAMPLE = 512  # training images encoded to estimate the latent std
@@ -47,15 +53,17 @@ def cli_train_vae(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_vae(cfg: Config, out_dir: Path, resume: bool = False) -> Path:
-    """Train (or resume) a VAE run in `out_dir`; returns the saved model folder."""
+def train_vae(cfg: Config, out_dir: Path, resume: bool = False, dataset=None) -> Path:
+    """Train (or resume) a VAE run in `out_dir`; returns the saved model folder.
+    `dataset` lets a caller (the demo) pass a training set it already built."""
     from ldmkit.data import build_dataset
 
     out_dir = Path(out_dir)
-    ckpt = _previous_checkpoint(out_dir / "checkpoints", resume)
+    ckpt = previous_checkpoint(out_dir / "checkpoints", resume)
     accelerator = make_accelerator(cfg.train.mixed_precision)
     torch.manual_seed(cfg.train.seed)  # the weights' init; RNG state comes back on resume
-    train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+    train_set = dataset if dataset is not None else build_dataset(cfg.data, "train")
+    val_set = build_dataset(cfg.data, "val")
 
     vae = AutoencoderKL(cfg.vae, image_size=cfg.data.image_size)
     optimizer = make_optimizer(vae.parameters(), cfg.vae.lr, cfg.train.weight_decay)
@@ -78,16 +86,6 @@ def train_vae(cfg: Config, out_dir: Path, resume: bool = False) -> Path:
         _finish(cfg, vae.eval(), train_set, val_set, out_dir, accelerator.device, budget, step)
     accelerator.wait_for_everyone()
     return out_dir / "model"
-
-
-def _previous_checkpoint(ckpt_dir: Path, resume: bool):
-    ckpt = load_latest_checkpoint(ckpt_dir)
-    if ckpt is not None and not resume:
-        raise UserError(f"{ckpt_dir}: this run directory already holds checkpoints; pass "
-                        "--resume to continue it or choose another --out")
-    if resume and ckpt is None:
-        print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
-    return ckpt
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -1,0 +1,211 @@
+"""Row 1: diffusion training images/s, ldmkit's fast path against the seed's way.
+
+Both contenders run the trainer's own step (`_Run.train_step` of
+ldmkit.training.diffusion_trainer: loss with caption dropout, backward, clipping, AdamW,
+LR schedule, EMA) on the same U-Net (same initial weights), batch and images, at the
+seed's 64x64 -> 8x8x4 geometry with the demo's widths (configs/shapes-demo.toml: VAE base
+32 x (1, 2, 2, 4), U-Net base 64 x (1, 2, 2); the seed's are 128 and 152 x (1, 2, 4, 8),
+too slow to time on a CPU in the suite's budget):
+
+- fast:  cached latents + cached text embeddings (the trainer's `_batches` with
+         train.use_cache = true), bf16 autocast;
+- seed:  fp32, VAE encode + text encode inside every step (`LiveBatches`, use_cache = false);
+- cached_fp32: the cache without bf16, to show which half of the gap each change buys.
+
+The batches come from `_batches`, the same function `train_diffusion` calls, so the
+timed work is what training runs; the once-per-run cache build is timed separately.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchlib import (
+    DEMO_CONFIG,
+    DEMO_VAE,
+    RESULTS_DIR,
+    Sizes,
+    alternate,
+    profile_table,
+    rates,
+    ratio_summary,
+    summarize,
+)
+
+TARGET = 3.0
+
+
+class PrecisionShim:
+    """The parts of an Accelerator that `_Run` uses, at one fixed precision on the CPU.
+    Accelerate keeps the precision in a process-wide singleton, so two Accelerators of
+    different precision cannot take turns in one process, which A/B alternation needs."""
+
+    device = torch.device("cpu")
+    is_main_process = True
+    num_processes = 1
+    scaler = None
+
+    def __init__(self, bf16: bool):
+        self.bf16 = bf16
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def demo_config(batch: int, overrides: tuple[str, ...] = ()):
+    from ldmkit.config import load_config
+
+    return load_config(DEMO_CONFIG, [f"train.batch_size={batch}", *overrides])
+
+
+def load_vae(cfg, save_to: Path):
+    """The demo's trained VAE if `make demo` ran, else an untrained one (random weights
+    cost the same to run). Saved to `save_to` because the latent cache keys on the file."""
+    from ldmkit.models.vae import AutoencoderKL
+
+    if (DEMO_VAE / "model.safetensors").is_file():
+        vae, source = AutoencoderKL.from_pretrained(DEMO_VAE), str(DEMO_VAE)
+    else:
+        torch.manual_seed(0)
+        vae, source = AutoencoderKL(cfg.vae, cfg.data.image_size), "untrained (random weights)"
+    vae.save_pretrained(save_to, image_size=cfg.data.image_size)
+    return vae.eval().requires_grad_(False), source
+
+
+def training_images(cfg, n: int):
+    """n shapes images rendered once into RAM: both paths read the same decoded images,
+    as a real run reads them from disk."""
+    from ldmkit.data.memory import materialize
+    from ldmkit.data.shapes import ShapesDataset
+
+    return materialize(ShapesDataset(image_size=cfg.data.image_size, num_items=n, seed=0))
+
+
+def make_run(cfg, text, vae, init: dict, bf16: bool, out_dir: Path):
+    """A trainer `_Run` around a fresh U-Net loaded with `init`."""
+    from ldmkit.diffusion.schedule import NoiseSchedule
+    from ldmkit.models.unet import UNet
+    from ldmkit.training.common import make_lr_schedule, make_optimizer
+    from ldmkit.training.diffusion_trainer import _Run
+
+    unet = UNet(cfg.unet, vae.config.latent_channels, text.hidden_size)
+    unet.load_state_dict(init)
+    ema = copy.deepcopy(unet).requires_grad_(False).eval()
+    opt = make_optimizer(unet.parameters(), cfg.train.lr, cfg.train.weight_decay)
+    sched = make_lr_schedule(opt, cfg.train.warmup_steps, cfg.train.steps)
+    schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    return _Run(cfg, PrecisionShim(bf16), unet, unet, ema, opt, sched, schedule,
+                None, text, vae, out_dir, None)
+
+
+class Stepper:
+    """k training steps of one run on its batch stream, counting steps for the EMA ramp."""
+
+    def __init__(self, run, batches, k: int):
+        self.run, self.batches, self.k, self.step = run, batches, k, 0
+
+    def __call__(self) -> None:
+        for _ in range(self.k):
+            self.run.train_step(self.batches.next(), self.step)
+            self.step += 1
+
+
+def prepare(sz: Sizes, work: Path, text=None) -> dict:
+    """Config, text encoder, VAE, images and one initial U-Net state for every run."""
+    from ldmkit.models.text import TextEncoder
+    from ldmkit.models.unet import UNet
+
+    cfg = demo_config(sz.train_batch)
+    text = text or TextEncoder.from_config(cfg.text)
+    vae, vae_source = load_vae(cfg, work / "vae")
+    data = training_images(cfg, sz.train_items)
+    torch.manual_seed(0)
+    init = UNet(cfg.unet, vae.config.latent_channels, text.hidden_size).state_dict()
+    return {"cfg": cfg, "text": text, "vae": vae, "vae_source": vae_source, "data": data,
+            "init": init, "work": work}
+
+
+def stream(p: dict, cached: bool):
+    """The trainer's own batch stream (`_batches`): cached, or live like the seed."""
+    from ldmkit.training.diffusion_trainer import _batches
+
+    cfg = p["cfg"] if cached else demo_config(p["cfg"].train.batch_size,
+                                              ("train.use_cache=false",))
+    out = p["work"] / ("fast" if cached else "seed")
+    return cfg, _batches(cfg, p["vae"], p["work"] / "vae", p["text"], p["data"], out,
+                         torch.device("cpu"), 0)
+
+
+def build(sz: Sizes, work: Path, text=None) -> dict:
+    """Both batch streams and three runs (same initial U-Net): fast, seed, cached_fp32."""
+    import time
+
+    p = prepare(sz, work, text)
+    start = time.perf_counter()
+    cfg, cached = stream(p, cached=True)
+    build_s = time.perf_counter() - start
+    cfg_live, live = stream(p, cached=False)
+    text, vae, init = p["text"], p["vae"], p["init"]
+    runs = {"fast": make_run(cfg, text, vae, init, True, work / "fast"),
+            "seed": make_run(cfg_live, text, vae, init, False, work / "seed"),
+            "cached_fp32": make_run(cfg, text, vae, init, False, work / "fp32")}
+    streams = {"fast": cached, "seed": live, "cached_fp32": cached}
+    return {"cfg": cfg, "text": text, "vae_source": p["vae_source"], "cache_build_s": build_s,
+            "runs": runs, "streams": streams,
+            "unet_params": sum(q.numel() for q in runs["fast"].unet.parameters())}
+
+
+def train_row(sz: Sizes, text=None, profile_dir: Path = RESULTS_DIR,
+              force_profile: bool = False) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        b = build(sz, Path(tmp), text)
+        steppers = {name: Stepper(run, b["streams"][name], sz.train_steps)
+                    for name, run in b["runs"].items()}
+        seconds = alternate(steppers, sz.train_rounds)
+        batch_only = alternate({"fast": b["streams"]["fast"].next,
+                                "seed": b["streams"]["seed"].next}, sz.train_rounds)
+        images = sz.train_batch * sz.train_steps
+        speedup = ratio_summary(seconds["seed"], seconds["fast"])
+        cfg = b["cfg"]
+        row = {
+            "train_speedup_vs_seed": speedup["median_of_medians"],
+            "train_speedup_vs_seed_spread": speedup,
+            "train_target": TARGET, "train_target_met": speedup["median_of_medians"] >= TARGET,
+            **{f"train_ips_{name}": summarize(rates(images, s), 2)
+               for name, s in seconds.items()},
+            "train_speedup_cached_fp32_vs_seed":
+                ratio_summary(seconds["seed"], seconds["cached_fp32"])["median_of_medians"],
+            "train_bf16_speedup_over_cached_fp32":
+                ratio_summary(seconds["cached_fp32"], seconds["fast"])["median_of_medians"],
+            "train_batch_fetch_ms": {k: summarize([1e3 * x for x in v], 2)
+                                     for k, v in batch_only.items()},
+            "train_cache_build_s": round(b["cache_build_s"], 2),
+            "train_cache_items": sz.train_items,
+            "train_setup": {
+                "batch": sz.train_batch, "steps_per_round": sz.train_steps,
+                "rounds": sz.train_rounds, "image_size": cfg.data.image_size,
+                "latent": f"{cfg.vae.latent_channels}x{cfg.data.image_size // cfg.vae.downsample_factor}"
+                          f"x{cfg.data.image_size // cfg.vae.downsample_factor}",
+                "vae": f"base {cfg.vae.base_channels} x {tuple(cfg.vae.channel_mult)}",
+                "vae_weights": b["vae_source"],
+                "unet": f"base {cfg.unet.base_channels} x {tuple(cfg.unet.channel_mult)}",
+                "unet_params": b["unet_params"],
+                "text_encoder": f"{cfg.text.encoder} (max_length {cfg.text.max_length})",
+                "widths": "the demo's (configs/shapes-demo.toml), not the seed's 128/152"},
+        }
+        if force_profile or not row["train_target_met"]:
+            row["train_profiles"] = [str(profile_table(
+                steppers[name], profile_dir / f"profile_train_{name}.txt",
+                f"training step, {name} path, batch {sz.train_batch}", calls=1))
+                for name in ("fast", "seed")]
+    return row

@@ -1,0 +1,65 @@
+"""Row 5a: VAE encode and decode images/s, fp32 against bf16 autocast, at 64x64 -> 8x8x4
+with the demo's VAE (trained weights if `make demo` ran; random weights cost the same).
+Also the VAE training step, fp32 against bf16, with vae_throughput.py's step.
+Inference runs under no_grad, as the latent cache (encode) and the pipeline (decode) do.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench_train import demo_config, load_vae, training_images
+from benchlib import Sizes, alternate, rates, ratio_summary, summarize
+from vae_throughput import MODES, train_steps
+
+
+def autocast(dtype):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None)
+
+
+def vae_row(sz: Sizes) -> dict:
+    from ldmkit.training.common import make_optimizer
+
+    cfg = demo_config(sz.vae_batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        vae, source = load_vae(cfg, Path(tmp) / "vae")
+    data = training_images(cfg, sz.vae_batch)
+    x = torch.stack([data[i][0] for i in range(sz.vae_batch)])
+    with torch.no_grad():
+        z = vae.encode(x).mean
+
+    def encode(dtype):
+        def go():
+            with torch.no_grad(), autocast(dtype):
+                return vae.encode(x).mean
+        return go
+
+    def decode(dtype):
+        def go():
+            with torch.no_grad(), autocast(dtype):
+                return vae.decode(z)
+        return go
+
+    row: dict = {}
+    for what, fn in (("encode", encode), ("decode", decode)):
+        seconds = alternate({m: fn(d) for m, d in MODES.items()}, sz.vae_rounds)
+        for mode, s in seconds.items():
+            row[f"vae_{what}_ips_{mode}"] = summarize(rates(sz.vae_batch, s), 1)
+        row[f"vae_{what}_bf16_speedup"] = \
+            ratio_summary(seconds["fp32"], seconds["bf16"])["median_of_medians"]
+
+    train = vae.requires_grad_(True).train()
+    opt = make_optimizer(train.parameters(), lr=1e-4)
+    seconds = alternate({m: (lambda d=d: train_steps(train, opt, x, d, 1, cfg.vae.kl_weight))
+                         for m, d in MODES.items()}, sz.vae_rounds)
+    for mode, s in seconds.items():
+        row[f"vae_train_ips_{mode}"] = summarize(rates(sz.vae_batch, s), 1)
+    row["vae_train_bf16_speedup"] = ratio_summary(seconds["fp32"], seconds["bf16"])["median_of_medians"]
+    row["vae_setup"] = {"batch": sz.vae_batch, "rounds": sz.vae_rounds, "weights": source,
+                        "vae": f"base {cfg.vae.base_channels} x {tuple(cfg.vae.channel_mult)}, "
+                               f"f = {cfg.vae.downsample_factor}, 64x64 -> 8x8x4",
+                        "train_step": "vae_throughput.train_steps (vae_loss, fused AdamW)"}
+    return row

@@ -1,0 +1,263 @@
+"""What every benchmark of the suite shares: A/B alternation, medians with their spread,
+machine facts, a measured matmul peak, profiler tables, peak RSS in a subprocess, and
+the results files.
+
+Each comparison runs its contenders in turn, A B A B ..., inside one process, so a
+change in machine load during the run hits all of them alike; a contender's rounds are
+summarised by the median and the spread (min, max, quartiles).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+DEMO_CONFIG = ROOT / "configs" / "shapes-demo.toml"
+DEMO_MODEL = ROOT / "runs" / "demo" / "model"
+DEMO_VAE = ROOT / "runs" / "demo" / "vae" / "model"
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def alternate(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+              repeat: dict[str, int] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each contender, over `rounds` rounds run A B A B ...
+
+    `warmup` untimed calls each first (oneDNN builds its kernels on first use);
+    `repeat[name]` calls make up one timed round of that contender (for contenders much
+    faster than the others, so every round lasts long enough to time), and the round's
+    time is divided by it."""
+    repeat = repeat or {}
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            k = repeat.get(name, 1)
+            start = time.perf_counter()
+            for _ in range(k):
+                fn()
+            seconds[name].append((time.perf_counter() - start) / k)
+    return seconds
+
+
+def summarize(values: list[float], digits: int = 4) -> dict[str, float]:
+    """Median, min, max and quartiles (inclusive method: exact for few rounds)."""
+    if not values:
+        raise ValueError("no values to summarise")
+    q1, _, q3 = (statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1
+                 else (values[0],) * 3)
+    return {k: round(float(v), digits) for k, v in
+            (("median", statistics.median(values)), ("min", min(values)),
+             ("max", max(values)), ("q1", q1), ("q3", q3), ("n", len(values)))}
+
+
+def rates(items: int, seconds: list[float]) -> list[float]:
+    """Items per second of each round."""
+    return [items / s for s in seconds]
+
+
+def ratio_summary(numer: list[float], denom: list[float]) -> dict[str, float]:
+    """Ratio of medians, with the spread of the per-round ratios (round i of A against
+    round i of B: the pair ran back to back, so their ratio is the least noisy)."""
+    per_round = [a / b for a, b in zip(numer, denom)]
+    out = summarize(per_round)
+    out["median_of_medians"] = round(statistics.median(numer) / statistics.median(denom), 4)
+    return out
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def available_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def set_threads(threads: int = 0) -> int:
+    """torch threads = `threads`, or (0) the cores this process may use."""
+    torch.set_num_threads(threads or available_cores())
+    return torch.get_num_threads()
+
+
+def busy_warning() -> str:
+    """A warning when other work already loads the CPU: every figure is then suspect, and
+    small ops suffer most (OpenMP threads wait at each op's barrier for a descheduled
+    sibling), so e.g. sampling at batch 2 can slow down far more than a large matmul."""
+    load, cores = os.getloadavg()[0], available_cores()
+    if load <= 0.5 * cores:
+        return ""
+    return (f"machine busy: 1-min load average {load:.1f} on {cores} cores before the "
+            f"suite started; figures are unreliable")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide bf16 speed (AMX tiles, AVX-512 bf16)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(f for f in line.split(":", 1)[1].split()
+                              if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2")))
+    except OSError:
+        pass
+    return []
+
+
+def machine_info() -> dict:
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cpu_flags": cpu_flags(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(),
+            "date": datetime.date.today().isoformat(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "load_average_1m_start": round(os.getloadavg()[0], 2)}
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """FLOP/s of an n x n x n matmul in `dtype`: the machine's practical peak for that
+    precision. The best of `reps` timed calls (after a warm-up) is the peak; the median
+    is recorded too, as a sign of how busy the machine was."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    seconds = alternate({"mm": lambda: torch.mm(a, b)}, rounds=reps)["mm"]
+    flops = 2.0 * n ** 3
+    return {"flops_per_s": flops / min(seconds),
+            "flops_per_s_median": flops / statistics.median(seconds), "n": n}
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+def profile_table(fn: Callable[[], object], path: Path, title: str, calls: int = 1,
+                  rows: int = 30, warmup: bool = False) -> Path:
+    """Run `fn` `calls` times under torch.profiler (after a warm-up call if `warmup`; the
+    suite profiles contenders it has already timed, so they are warm) and write the top
+    ops by self CPU time to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if warmup:
+        fn()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        for _ in range(calls):
+            fn()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\n# {calls} call(s), torch {torch.__version__}, "
+                    f"{torch.get_num_threads()} threads\n\n{table}\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB.
+
+    VmHWM from /proc/self/status where there is one: it belongs to the process's own
+    address space, which exec() replaces. ru_maxrss is not used there because Linux
+    carries it across fork + exec, so a child started by a 2 GB parent reports at least
+    2 GB whatever it does itself; it is the fallback elsewhere (KiB on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_rss_subprocess(task: str, extra: list[str] | None = None,
+                        timeout: float = 600) -> dict:
+    """Run benchmarks/bench_rss.py `task` in a fresh interpreter (so its allocations don't
+    mix with this process's) and return the JSON it prints."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_rss.py"), task, *(extra or [])]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def write_results(results: dict, out_dir: Path, name: str = "latest",
+                  dated: bool = True) -> list[Path]:
+    """`out_dir/<name>.json` plus, if `dated`, `out_dir/<YYYY-MM-DD>.json` (atomic writes)."""
+    from ldmkit.io import write_json_atomic
+
+    paths = [out_dir / f"{name}.json"]
+    if dated:
+        paths.append(out_dir / f"{results['machine']['date']}.json")
+    for path in paths:
+        write_json_atomic(path, results)
+    return paths
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big and how long each row runs. FULL fits `make bench` in ~10 minutes on a
+    2-core CPU; QUICK only checks the machinery (numbers are not meaningful)."""
+
+    quick: bool
+    train_batch: int       # diffusion training batch (the demo's is 128)
+    train_items: int       # images in the training set both paths draw from
+    train_rounds: int
+    train_steps: int       # training steps per round and contender
+    sample_batch: int      # prompts in the timed sampling batch
+    sample_rounds: int
+    fidelity_n: int        # judged prompts per sampler
+    standin_timesteps: int  # T of the untrained stand-in model (quick mode, no demo model)
+    unet_batch: int
+    unet_rounds: int
+    unet_steps: int
+    vae_batch: int
+    vae_rounds: int
+    matmul_n: int
+
+
+FULL = Sizes(quick=False, train_batch=128, train_items=1024, train_rounds=5, train_steps=2,
+             sample_batch=8, sample_rounds=3, fidelity_n=100, standin_timesteps=500,
+             unet_batch=128, unet_rounds=5, unet_steps=2, vae_batch=64, vae_rounds=5,
+             matmul_n=2048)
+QUICK = Sizes(quick=True, train_batch=16, train_items=64, train_rounds=2, train_steps=1,
+              sample_batch=2, sample_rounds=2, fidelity_n=4, standin_timesteps=50,
+              unet_batch=16, unet_rounds=2, unet_steps=1, vae_batch=8, vae_rounds=2,
+              matmul_n=512)
+
+
+def sizes(quick: bool) -> Sizes:
+    return QUICK if quick else FULL

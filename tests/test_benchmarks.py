@@ -1,0 +1,157 @@
+"""The benchmark suite's machinery (benchmarks/): A/B alternation, summaries, results files,
+the BENCHMARKS.md writer and row selection. Seconds; no model is built."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_table
+import benchlib
+import run_all
+
+
+def test_alternate_runs_contenders_in_turn_after_warmup():
+    calls = []
+    seconds = benchlib.alternate({"a": lambda: calls.append("a"),
+                                  "b": lambda: calls.append("b")}, rounds=3, warmup=1)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then A B A B A B
+    assert {k: len(v) for k, v in seconds.items()} == {"a": 3, "b": 3}
+
+
+def test_alternate_divides_a_repeated_round_by_its_repeats():
+    seconds = benchlib.alternate({"slow": lambda: time.sleep(0.02),
+                                  "fast": lambda: time.sleep(0.005)},
+                                 rounds=2, warmup=0, repeat={"fast": 4})
+    assert min(seconds["slow"]) >= 0.02
+    assert 0.005 <= max(seconds["fast"]) < 0.015  # per call, not per round of 4
+
+
+def test_summarize_gives_median_extremes_and_quartiles():
+    s = benchlib.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s["median"], s["min"], s["max"], s["q1"], s["q3"], s["n"]) == (3, 1, 5, 2, 4, 5)
+    assert benchlib.summarize([7.0])["q1"] == 7.0
+    with pytest.raises(ValueError):
+        benchlib.summarize([])
+
+
+def test_ratio_summary_pairs_rounds_and_reports_ratio_of_medians():
+    r = benchlib.ratio_summary([4.0, 6.0, 10.0], [2.0, 2.0, 2.0])
+    assert (r["min"], r["max"], r["median"]) == (2.0, 5.0, 3.0)
+    assert r["median_of_medians"] == 3.0
+
+
+def test_write_results_writes_latest_and_dated_copy(tmp_path):
+    results = {"machine": {"date": "2031-01-02"}, "x": 1}
+    paths = benchlib.write_results(results, tmp_path)
+    assert sorted(p.name for p in paths) == ["2031-01-02.json", "latest.json"]
+    assert json.loads((tmp_path / "2031-01-02.json").read_text()) == results
+    assert [p.name for p in benchlib.write_results(results, tmp_path / "q", dated=False)] == \
+        ["latest.json"]
+
+
+def test_machine_info_names_cpu_cores_torch_and_date():
+    info = benchlib.machine_info()
+    assert info["cpu_model"] and info["cores"] >= 1
+    assert info["torch"] == torch.__version__ and len(info["date"]) == 10
+
+
+# ----------------------------------------------------------------------------- BENCHMARKS.md
+
+
+def _block(text: str) -> str:
+    return f"{bench_table.START}\n{text}\n{bench_table.END}"
+
+
+def test_update_markdown_replaces_only_between_markers(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(f"# Title\nhand intro\n{_block('old table')}\nhand notes\n")
+    bench_table.update_markdown(md, _block("new table"))
+    text = md.read_text()
+    assert "old table" not in text and "new table" in text
+    assert text.startswith("# Title\nhand intro\n") and text.endswith("\nhand notes\n")
+    bench_table.update_markdown(md, _block("newer"))  # idempotent shape: one block only
+    assert md.read_text().count(bench_table.START) == 1
+
+
+def test_update_markdown_appends_block_to_a_file_without_markers(tmp_path):
+    md = tmp_path / "B.md"
+    md.write_text("# Only prose\n")
+    bench_table.update_markdown(md, _block("table"))
+    assert md.read_text().startswith("# Only prose\n") and "table" in md.read_text()
+    missing = tmp_path / "new.md"
+    bench_table.update_markdown(missing, _block("fresh"))
+    assert "fresh" in missing.read_text()
+
+
+def _results(**extra) -> dict:
+    ips = {"median": 10.0, "min": 9.0, "max": 11.0, "q1": 9.5, "q3": 10.5, "n": 3}
+    spread = {"median": 2.5, "min": 2.0, "max": 3.0, "q1": 2.2, "q3": 2.8, "n": 3,
+              "median_of_medians": 2.5}
+    return {"quick": False, "machine": {"cpu_model": "Test CPU", "cores": 2, "torch": "9.9",
+                                        "date": "2031-01-02"},
+            "train_speedup_vs_seed": 2.5, "train_speedup_vs_seed_spread": spread,
+            "train_target_met": False, "train_ips_fast": ips,
+            "train_profiles": ["benchmarks/results/profile_train_fast.txt"],
+            "unet_step_time_ratio_vs_diffusers": 0.9, "unet_target_met": True,
+            "bf16_peak_utilisation": 0.123, "vae_encode_ips_bf16": ips,
+            "sample_speedup_vs_seed": None, "sample_skipped": "run make demo first", **extra}
+
+
+def test_render_shows_every_row_machine_targets_and_profiles():
+    text = bench_table.render(_results())
+    assert text.startswith(bench_table.START) and text.endswith(bench_table.END)
+    for key in ("train_speedup_vs_seed", "sample_speedup_vs_seed",
+                "unet_step_time_ratio_vs_diffusers", "bf16_peak_utilisation",
+                "fp32_peak_utilisation", "vae_encode_ips_fp32", "peak_rss_train_mb"):
+        assert f"`{key}`" in text
+    assert "Test CPU, 2 cores" in text and "torch 9.9" in text
+    assert "2.50×" in text and "per-round 2.00–3.00" in text and "12.3 %" in text
+    assert "**missed**" in text and "profile_train_fast.txt" in text
+    assert "run make demo first" in text
+    assert "QUICK MODE" not in text
+
+
+def test_render_marks_quick_results_as_preliminary_and_lists_experiments():
+    experiments = {"quick": True, "date": "2031-01-02", "experiments": {
+        "channels_last": {"baseline": "contiguous", "variant": "channels_last",
+                          "baseline_ms": 50.0, "variant_ms": 62.5, "speedup": 0.8,
+                          "helped": False, "note": "U-Net"},
+        "torch_compile": {"error": "RuntimeError: boom"}}}
+    text = bench_table.render(_results(quick=True), experiments)
+    assert "QUICK MODE — preliminary" in text
+    assert "| channels_last | contiguous: 50.0 ms | channels_last: 62.5 ms | 0.80× | no |" \
+        in text
+    assert "failed: RuntimeError: boom" in text
+
+
+# ----------------------------------------------------------------------------- run_all
+
+
+def test_only_selects_rows_and_rejects_unknown_names():
+    assert run_all.selected(run_all.parse_args(["--only", "unet,vae"])) == (["unet", "vae"],
+                                                                           False)
+    assert run_all.selected(run_all.parse_args(["--only", "experiments"])) == ([], True)
+    assert run_all.selected(run_all.parse_args([]))[0] == list(run_all.ROWS)
+    with pytest.raises(SystemExit):
+        run_all.selected(run_all.parse_args(["--only", "nope"]))
+
+
+def test_partial_run_keeps_other_rows_of_the_previous_results(tmp_path):
+    previous = {"quick": False, "train_speedup_vs_seed": 4.0, "row_seconds": {"train": 30},
+                "machine": {"date": "2031-01-01"}}
+    (tmp_path / "latest.json").write_text(json.dumps(previous))
+    new = {"quick": False, "unet_step_time_ratio_vs_diffusers": 0.8,
+           "row_seconds": {"unet": 20}, "machine": {"date": "2031-01-02"}}
+    merged = run_all.merge_previous(new, tmp_path / "latest.json", ["unet"])
+    assert merged["train_speedup_vs_seed"] == 4.0
+    assert merged["unet_step_time_ratio_vs_diffusers"] == 0.8
+    assert merged["row_seconds"] == {"train": 30, "unet": 20}
+    assert merged["machine"]["date"] == "2031-01-02"

@@ -1,0 +1,149 @@
+"""Stage-1 training end to end (tiny configs), resuming, and the shared training helpers."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from ldmkit.cli import main
+from ldmkit.config import load_config
+from ldmkit.errors import UserError
+from ldmkit.training.common import (
+    Budget,
+    MetricsLogger,
+    StreamSampler,
+    make_lr_schedule,
+    resolve_mixed_precision,
+)
+from ldmkit.training.vae_trainer import train_vae
+from ldmkit.viz import read_metrics
+
+TINY = ["data.image_size=16", "data.num_items=24", "data.val_items=4",
+        "vae.downsample_factor=4", "vae.channel_mult=[1,1,1]", "vae.base_channels=8",
+        "vae.batch_size=4", "vae.warmup_steps=1", "train.log_every=1"]
+
+
+def tiny_config(*extra: str):
+    return load_config("configs/shapes-demo.toml", TINY + list(extra))
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae-run")
+    rc = main(["train-vae", "--config", "configs/shapes-demo.toml", "--out", str(out), *TINY,
+               "vae.steps=3", "train.checkpoint_every=2"])
+    return rc, out
+
+
+def test_train_vae_cli_writes_every_artifact(cli_run, capsys):
+    rc, out = cli_run
+    assert rc == 0
+    for name in ("config.json", "metrics.jsonl", "recon.png", "kl.png", "reconstructions.png",
+                 "samples.png", "summary.json", "model/config.json", "model/model.safetensors",
+                 "checkpoints/latest", "checkpoints/step-00000003/vae.safetensors"):
+        assert (out / name).is_file(), name
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert {"loss", "recon", "kl", "lr", "images_per_s"} <= rows[0].keys()
+    model_cfg = json.loads((out / "model/config.json").read_text())
+    assert model_cfg["scale_factor"] > 0 and model_cfg["image_size"] == 16
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_items"] == 0 and summary["steps"] == 3
+    assert json.loads((out / "config.json").read_text())["vae"]["steps"] == 3
+
+
+def test_evaluate_vae_cli_writes_psnr_and_ssim(cli_run, tmp_path):
+    _, out = cli_run
+    target = tmp_path / "eval.json"
+    assert main(["evaluate-vae", "--vae", str(out / "model"), "--out", str(target),
+                 "data.val_items=4"]) == 0
+    result = json.loads(target.read_text())
+    assert result["n"] == 4 and result["image_size"] == 16
+    assert 0 < result["psnr"] < 60 and -1 <= result["ssim"] <= 1
+
+
+def test_evaluate_vae_cli_refuses_a_missing_folder(tmp_path, capsys):
+    assert main(["evaluate-vae", "--vae", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_rerunning_into_a_run_with_checkpoints_needs_resume(cli_run):
+    _, out = cli_run
+    with pytest.raises(UserError, match="--resume"):
+        train_vae(tiny_config("vae.steps=3"), out)
+
+
+def test_resume_continues_at_the_right_step_with_the_same_losses(tmp_path):
+    cfg = tiny_config("vae.steps=4", "train.checkpoint_every=2", "train.mixed_precision=\"no\"")
+    full = tmp_path / "full"
+    train_vae(cfg, full)
+    # An interruption after step 2: the run directory as it stood then.
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000004")
+    (cut / "checkpoints" / "latest").write_text("step-00000002\n")
+    train_vae(cfg, cut, resume=True)
+
+    expected, resumed = read_metrics(full / "metrics.jsonl"), read_metrics(cut / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # steps 3-4 redone, not appended twice
+    for a, b in zip(expected[2:], resumed[2:]):
+        assert (a["loss"], a["recon"], a["kl"], a["lr"]) == (b["loss"], b["recon"], b["kl"], b["lr"])
+    final = [(run / "checkpoints/step-00000004/vae.safetensors").read_bytes() for run in (full, cut)]
+    assert final[0] == final[1]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_auto_precision_is_bf16_on_cpu():
+    if not torch.cuda.is_available():
+        assert resolve_mixed_precision("auto") == "bf16"
+    assert resolve_mixed_precision("no") == "no"
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_lr_schedule(opt, warmup_steps=4, total_steps=14)
+    lrs = []
+    for _ in range(14):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4:9] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(5)])
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_time_budget_drives_the_cosine_and_the_stop():
+    budget = Budget(steps=1000, minutes=1.0, elapsed=45.0)  # 3/4 of the minute already spent
+    assert budget.progress(10) == pytest.approx(0.75, abs=0.01)
+    assert not budget.done(10)
+    assert Budget(steps=1000, minutes=1.0, elapsed=61.0).done(10)
+    assert Budget(steps=5).done(5) and not Budget(steps=5).done(4)
+
+
+def test_stream_sampler_resumes_with_the_same_batches_and_covers_each_epoch():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    stream = take(StreamSampler(10, batch_size=4, seed=3), 40)
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # a fresh permutation each epoch
+    assert take(StreamSampler(10, batch_size=4, seed=3, start_step=3), 28) == stream[12:]
+    ranks = [take(StreamSampler(10, 2, seed=3, rank=r, world_size=2), 2) for r in (0, 1)]
+    assert ranks[0] + ranks[1] == stream[:4]
+
+
+def test_metrics_logger_drops_rows_past_the_resumed_step(tmp_path):
+    path = tmp_path / "m.jsonl"
+    log = MetricsLogger(path)
+    for step in (1, 2, 3):
+        log.log(step, loss=torch.tensor(0.5))
+    with path.open("a") as fh:
+        fh.write('{"step": 4, "lo')  # torn by a crash
+    MetricsLogger(path, resume_step=2).log(3, loss=0.25)
+    assert read_metrics(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.5},
+                                  {"step": 3, "loss": 0.25}]
