@@ -1,7 +1,7 @@
 """ldmkit: a readable text-to-image latent diffusion toolkit with classifier-free guidance."""
 
 __version__ = "0.1.0"
-__all__ = ["TextToImagePipeline", "Config", "load_config", "__version__"]
+__all__ = ["Config", "TextToImagePipeline", "__version__", "load_config"]
 
 
 def __getattr__(name: str):

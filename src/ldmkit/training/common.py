@@ -95,6 +95,15 @@ class Budget:
     def done(self, step: int) -> bool:
         return step >= self.steps or bool(self.seconds and self.elapsed >= self.seconds)
 
+    def sync(self, accelerator) -> None:
+        """Under several processes, adopt the main process's clock, so that all of them
+        stop at the same step and use the same time-driven LR (call once per step)."""
+        if self.seconds and accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            shared = broadcast(torch.tensor([self.elapsed], device=accelerator.device))
+            self._start = time.monotonic() - float(shared[0])
+
 
 # ----------------------------------------------------------------------------- data
 

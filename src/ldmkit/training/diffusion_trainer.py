@@ -135,12 +135,17 @@ class _Run:
         null = text.null().to(accelerator.device)
         self.null_tokens, self.null_mask = null.tokens.float(), null.mask
 
+    def drop_captions(self, tokens, mask, p_uncond: float):
+        """Replace each caption by the null prompt (tokens and its own mask) with
+        probability p_uncond, so one network also learns the unconditional score."""
+        drop = (torch.rand(tokens.shape[0]) < p_uncond).to(tokens.device)
+        tokens = torch.where(drop[:, None, None], self.null_tokens, tokens)
+        return tokens, torch.where(drop[:, None], self.null_mask, mask)
+
     def loss(self, latents, tokens, mask) -> torch.Tensor:
         """Weighted MSE to the eps or v target, with captions dropped at rate p_uncond."""
         d, b = self.cfg.diffusion, latents.shape[0]
-        drop = (torch.rand(b) < d.p_uncond).to(latents.device)
-        tokens = torch.where(drop[:, None, None], self.null_tokens, tokens)
-        mask = torch.where(drop[:, None], self.null_mask, mask)
+        tokens, mask = self.drop_captions(tokens, mask, d.p_uncond)
         t = torch.randint(0, self.schedule.timesteps, (b,)).to(latents.device)
         noise = torch.randn_like(latents)
         x_t = self.schedule.q_sample(latents, t, noise)

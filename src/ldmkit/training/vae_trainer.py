@@ -113,6 +113,7 @@ def _train_loop(cfg: Config, accelerator, model, vae: AutoencoderKL, optimizer, 
         if cfg.train.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
+        budget.sync(accelerator)  # before the time-driven LR and the stop test
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

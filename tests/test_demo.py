@@ -1,0 +1,51 @@
+"""CI's tiny demo: seconds long, through every stage, every artifact present and readable.
+(The quality numbers come from the full `make demo`, not from here.)"""
+
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from ldmkit.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--tiny", "--out", str(out)]) == 0
+    return out
+
+
+def test_tiny_demo_writes_a_report_whose_pictures_exist_and_open(demo_dir):
+    report = (demo_dir / "report.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    assert len(links) >= 10
+    for link in links:
+        path = demo_dir / link
+        assert path.is_file(), link
+        if path.suffix in (".png", ".gif"):
+            with Image.open(path) as image:
+                image.verify()
+
+
+def test_tiny_demo_evaluation_json_has_the_promised_shape(demo_dir):
+    result = json.loads((demo_dir / "evaluation.json").read_text())
+    assert set(result["judge_accuracy"]) == {"shape", "color", "size", "position"}
+    rows = result["fidelity"]
+    keys = {"prompt_set", "sampler", "steps", "guidance", "fidelity", "n"}
+    assert all(keys <= set(r) and 0.0 <= r["fidelity"] <= 1.0 for r in rows)
+    sweep = {(r["prompt_set"], r["guidance"]) for r in rows if r["sampler"] == "dpmpp-2m"}
+    assert {(s, w) for s in ("single", "two", "heldout") for w in (1.0, 3.0, 5.0, 7.5)} <= sweep
+    assert {r["sampler"] for r in rows} == {"ddpm", "ddim", "dpmpp-2m"}
+    assert any(r["sampler"] == "ddpm" and r["steps"] == 20 for r in rows)  # full T (tiny T=20)
+    assert len(result["early_checkpoint"]["fidelity"]) == 12
+
+
+def test_tiny_demo_model_folder_loads_and_timings_are_recorded(demo_dir):
+    from ldmkit.pipeline import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(demo_dir / "model")
+    assert pipe("a red circle", num_inference_steps=2)[0].size == (32, 32)
+    timings = json.loads((demo_dir / "timings.json").read_text())
+    assert {"data", "vae", "unet", "generate and judge", "total", "peak_rss_mb"} <= set(timings)

@@ -1,0 +1,99 @@
+"""Stage 2 end to end on tiny models: artifacts, the caches, caption dropout, resume."""
+
+import json
+
+import pytest
+import torch
+
+from _tiny_model import TINY
+from _tiny_text import make_tiny_bert
+from ldmkit.config import load_config
+from ldmkit.models.vae import AutoencoderKL
+from ldmkit.training import diffusion_trainer, latent_cache
+from ldmkit.training.checkpoint import load_latest_checkpoint
+from ldmkit.training.common import Budget
+from ldmkit.training.diffusion_trainer import train_diffusion
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    text = make_tiny_bert(root)
+    overrides = TINY + [f"text.encoder={json.dumps(str(text))}", "text.max_length=12",
+                        "data.num_items=32", "train.batch_size=4", "train.steps=4",
+                        "train.log_every=1", "train.sample_every=4", "train.checkpoint_every=2",
+                        "train.validation_prompts=['a red circle']", "sample.steps=2",
+                        "train.mixed_precision=no"]
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    vae_dir = root / "vae"
+    AutoencoderKL(cfg.vae, cfg.data.image_size).save_pretrained(vae_dir)
+    return root, cfg, vae_dir, overrides
+
+
+def test_training_writes_every_artifact_and_a_loadable_model(setup):
+    from ldmkit.pipeline import TextToImagePipeline
+
+    root, cfg, vae_dir, _ = setup
+    model = train_diffusion(cfg, vae_dir, root / "run")
+    run = root / "run"
+    for name in ("config.json", "metrics.jsonl", "loss.png", "summary.json",
+                 "samples/step-0000004.png", "checkpoints/latest", "model/model_index.json"):
+        assert (run / name).exists(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert TextToImagePipeline.from_pretrained(model)("a red circle", num_inference_steps=2)
+
+
+def test_latent_cache_is_built_once_and_reused(setup, monkeypatch):
+    root, cfg, vae_dir, _ = setup
+    calls = []
+    real = latent_cache.encode_dataset
+    monkeypatch.setattr(latent_cache, "encode_dataset",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg.text.cache_dir = str(root / "shared-cache")
+    train_diffusion(cfg, vae_dir, root / "first")
+    train_diffusion(cfg, vae_dir, root / "second")
+    cfg.text.cache_dir = ""
+    assert len(calls) == 1
+
+
+def test_caption_dropout_replaces_caption_and_mask_by_the_null_prompt():
+    run = diffusion_trainer._Run.__new__(diffusion_trainer._Run)
+    tokens, mask = torch.randn(4000, 6, 8), torch.ones(4000, 6, dtype=torch.bool)
+    run.null_tokens = torch.randn(1, 6, 8)
+    run.null_mask = torch.tensor([[True, True, False, False, False, False]])
+    dropped_tokens, dropped_mask = run.drop_captions(tokens, mask, p_uncond=1.0)
+    assert torch.equal(dropped_tokens, run.null_tokens.expand_as(tokens))
+    assert torch.equal(dropped_mask, run.null_mask.expand_as(mask))  # its own mask, not ones
+    kept_tokens, kept_mask = run.drop_captions(tokens, mask, p_uncond=0.0)
+    assert torch.equal(kept_tokens, tokens) and torch.equal(kept_mask, mask)
+    _, some = run.drop_captions(tokens, mask, p_uncond=0.2)
+    assert abs((~some[:, 2]).float().mean().item() - 0.2) < 0.03
+
+
+def test_resume_continues_at_the_right_step_with_identical_weights(setup, monkeypatch):
+    root, cfg, vae_dir, _ = setup
+    cfg.text.cache_dir = str(root / "shared-cache")
+    train_diffusion(cfg, vae_dir, root / "straight")
+    real_done = Budget.done
+    monkeypatch.setattr(Budget, "done", lambda self, step: step >= 2 or real_done(self, step))
+    train_diffusion(cfg, vae_dir, root / "resumed")  # "interrupted" after step 2
+    monkeypatch.setattr(Budget, "done", real_done)
+    assert load_latest_checkpoint(root / "resumed" / "checkpoints").step == 2
+    train_diffusion(cfg, vae_dir, root / "resumed", resume=True)
+    cfg.text.cache_dir = ""
+    a = load_latest_checkpoint(root / "straight" / "checkpoints")
+    b = load_latest_checkpoint(root / "resumed" / "checkpoints")
+    assert a.step == b.step == 4
+    for name in ("unet", "ema"):
+        for key, value in a.modules[name].items():
+            assert torch.equal(value, b.modules[name][key]), (name, key)
+
+
+def test_existing_run_without_resume_is_refused(setup):
+    from ldmkit.errors import UserError
+
+    root, cfg, vae_dir, _ = setup
+    with pytest.raises(UserError, match="--resume"):
+        train_diffusion(cfg, vae_dir, root / "run")
