@@ -14,7 +14,7 @@ import time
 import torch
 
 from bench_unet import LATENT, TEXT_WIDTH, make_batch
-from benchlib import DEMO_CONFIG, Sizes, alternate
+from benchlib import DEMO_CONFIG, Sizes, alternate, available_cores
 from unet_step import make_step
 
 HELPED = 1.05
@@ -72,7 +72,7 @@ def adamw(cfg, sz: Sizes) -> dict:
 
 def threads(cfg, sz: Sizes) -> dict:
     batch = make_batch(sz.unet_batch, cfg.text.max_length, cfg.diffusion.timesteps)
-    step, n = _step(_unet(cfg), batch), torch.get_num_threads()
+    step, before, cores = _step(_unet(cfg), batch), torch.get_num_threads(), available_cores()
 
     def with_threads(k: int):
         def go():
@@ -80,11 +80,12 @@ def threads(cfg, sz: Sizes) -> dict:
             try:
                 step()
             finally:
-                torch.set_num_threads(n)
+                torch.set_num_threads(before)
         return go
 
-    return compare(("1 thread", with_threads(1)), (f"{n} threads", with_threads(n)),
-                   sz.unet_rounds, "U-Net train step, bf16")
+    return compare(("1 thread", with_threads(1)), (f"{cores} threads", with_threads(cores)),
+                   sz.unet_rounds, "U-Net train step, bf16; on a busy machine many threads "
+                   "can be far slower (each op waits for a descheduled thread)")
 
 
 def compiled(cfg, sz: Sizes) -> dict:
@@ -96,7 +97,8 @@ def compiled(cfg, sz: Sizes) -> dict:
     compiled_step()  # compiles forward and backward
     compile_s = time.perf_counter() - start
     return compare(("eager", _step(model, batch)), ("torch.compile", compiled_step),
-                   sz.unet_rounds, f"U-Net train step, bf16; compiling took {compile_s:.0f} s")
+                   sz.unet_rounds, f"U-Net train step, bf16; compiling took {compile_s:.0f} s "
+                                   "(less with a warm inductor cache)")
 
 
 def bf16_sampling(cfg, sz: Sizes) -> dict:

@@ -16,6 +16,8 @@ END = "<!-- bench-table:end -->"
 def _num(value, digits: int = 2) -> str:
     if value is None:
         return "—"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     if isinstance(value, float) and abs(value) >= 100:
         return f"{value:,.0f}"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
@@ -67,6 +69,10 @@ def results_table(r: dict) -> list[str]:
                         ("cached_fp32", "cache without bf16")):
         add("", f"training images/s, {label}", f"train_ips_{name}",
             _med(r.get(f"train_ips_{name}")), "median (min–max)")
+    for k in ("demo", "seed"):
+        key = f"train_live_vae_encode_ms_per_image_{k}_widths"
+        add("", f"live VAE encode ms/image, {k}'s VAE widths (fp32)", key, _med(r.get(key), 2),
+            "median (min–max)")
     if r.get("sample_speedup_vs_seed") is None:
         add(2, "sampling images/s, DPM++ 20 batched CFG over DDPM-T two-pass",
             "sample_speedup_vs_seed", "skipped", r.get("sample_skipped", r.get("sample_error", "")),
@@ -76,6 +82,8 @@ def results_table(r: dict) -> list[str]:
         add(2, "sampling images/s, DPM++ 20 batched CFG over DDPM-T two-pass",
             "sample_speedup_vs_seed", v, s, "≥ 25×, fidelity within 3 pts",
             _status(r.get("sample_target_met")))
+        setup = r.get("sample_setup", {})
+        add("", "sampling model", "sample_setup", setup.get("model", "?"))
         for name in ("fast", "seed"):
             add("", f"sampling images/s, {name}", f"sample_ips_{name}",
                 _med(r.get(f"sample_ips_{name}"), 3), "median (min–max)")
@@ -117,7 +125,8 @@ def experiments_table(e: dict | None) -> list[str]:
     if not e:
         return ["No experiments recorded yet: `python benchmarks/run_all.py --experiments`."]
     mode = "QUICK (preliminary, tiny sizes)" if e.get("quick") else "full"
-    lines = [f"Experiments run {e.get('date', '?')}, {mode} mode:", "",
+    threads = e.get("machine", {}).get("torch_threads", "?")
+    lines = [f"Experiments run {e.get('date', '?')}, {mode} mode, torch threads: {threads}.", "",
              "| Experiment | Baseline | Variant | Speed-up | Helped? | Note |",
              "|---|---|---|---|---|---|"]
     for name, x in e.get("experiments", {}).items():
@@ -146,9 +155,19 @@ def targets_note(r: dict) -> list[str]:
         state = "met" if r.get(met_key) else "**missed**"
         line = f"- `{key}` = {value:.2f} (target {target}): {state}."
         if r.get(profiles):
-            names = ", ".join(f"`{Path(p).name}`" for p in r[profiles])
-            line += f" Profile (top ops by self CPU time) in `benchmarks/results/`: {names}."
+            names = ", ".join(f"`{p}`" for p in r[profiles])
+            line += f" Profiles (top ops by self CPU time): {names}."
         lines.append(line)
+    return lines
+
+
+def setup_notes(r: dict) -> list[str]:
+    """Each row's setup dict as one line: sizes, weights, widths."""
+    lines = []
+    for key in ("train_setup", "sample_setup", "unet_setup", "vae_setup"):
+        if r.get(key):
+            items = "; ".join(f"{k}: {v}" for k, v in r[key].items())
+            lines.append(f"- `{key}`: {items}")
     return lines
 
 
@@ -172,6 +191,7 @@ def render(r: dict, experiments: dict | None = None) -> str:
     if m.get("busy_warning"):
         head[-1:] = [f"- **Warning: {m['busy_warning']}.**", ""]
     return "\n".join([START, *head, *results_table(r), "", "Targets:", "", *targets_note(r), "",
+                      "Setup of each row:", "", *setup_notes(r), "",
                       "### Optimisations tried", "", *experiments_table(experiments), END])
 
 

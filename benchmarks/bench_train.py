@@ -3,9 +3,10 @@
 Both contenders run the trainer's own step (`_Run.train_step` of
 ldmkit.training.diffusion_trainer: loss with caption dropout, backward, clipping, AdamW,
 LR schedule, EMA) on the same U-Net (same initial weights), batch and images, at the
-seed's 64x64 -> 8x8x4 geometry with the demo's widths (configs/shapes-demo.toml: VAE base
-32 x (1, 2, 2, 4), U-Net base 64 x (1, 2, 2); the seed's are 128 and 152 x (1, 2, 4, 8),
-too slow to time on a CPU in the suite's budget):
+seed's 64x64 -> 8x8x4 geometry with the demo's widths (configs/shapes-demo.toml, or the
+demo's trained VAE): the seed's VAE base 128 and U-Net base 152 x (1, 2, 4, 8) are too
+slow to time on a CPU within the suite's budget; `vae_width_cost` shows what that choice
+does to the seed path's main extra cost.
 
 - fast:  cached latents + cached text embeddings (the trainer's `_batches` with
          train.use_cache = true), bf16 autocast;
@@ -28,6 +29,7 @@ from benchlib import (
     DEMO_CONFIG,
     DEMO_VAE,
     RESULTS_DIR,
+    SEED_CONFIG,
     Sizes,
     alternate,
     profile_table,
@@ -160,9 +162,32 @@ def build(sz: Sizes, work: Path, text=None) -> dict:
             "seed": make_run(cfg_live, text, vae, init, False, work / "seed"),
             "cached_fp32": make_run(cfg, text, vae, init, False, work / "fp32")}
     streams = {"fast": cached, "seed": live, "cached_fp32": cached}
-    return {"cfg": cfg, "text": text, "vae_source": p["vae_source"], "cache_build_s": build_s,
+    return {"cfg": cfg, "text": text, "vae": vae, "vae_source": p["vae_source"],
+            "cache_build_s": build_s,
             "runs": runs, "streams": streams,
             "unet_params": sum(q.numel() for q in runs["fast"].unet.parameters())}
+
+
+def vae_width_cost(cfg, rounds: int, batch: int = 8) -> dict:
+    """ms per image of the live VAE encode (the seed path's main extra cost) with the demo's
+    VAE widths against the seed's (configs/seed-coco64.toml): how much the scaled-down
+    widths shrink row 1's gap. Random weights, fp32, as the seed path runs it."""
+    from ldmkit.config import load_config
+    from ldmkit.models.vae import AutoencoderKL
+
+    seed_cfg = load_config(SEED_CONFIG)
+    x = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size)
+    vaes = {"demo": AutoencoderKL(cfg.vae), "seed": AutoencoderKL(seed_cfg.vae)}
+
+    def encode(vae):
+        def go():
+            with torch.no_grad():
+                vae.encode_latents(x, sample=True)
+        return go
+
+    seconds = alternate({k: encode(v) for k, v in vaes.items()}, rounds)
+    return {f"train_live_vae_encode_ms_per_image_{k}_widths": summarize(
+        [1e3 * t / batch for t in v], 2) for k, v in seconds.items()}
 
 
 def train_row(sz: Sizes, text=None, profile_dir: Path = RESULTS_DIR,
@@ -176,7 +201,8 @@ def train_row(sz: Sizes, text=None, profile_dir: Path = RESULTS_DIR,
                                 "seed": b["streams"]["seed"].next}, sz.train_rounds)
         images = sz.train_batch * sz.train_steps
         speedup = ratio_summary(seconds["seed"], seconds["fast"])
-        cfg = b["cfg"]
+        cfg, vae_cfg = b["cfg"], b["vae"].config  # the demo's trained VAE may differ from the toml
+        side = cfg.data.image_size // vae_cfg.downsample_factor
         row = {
             "train_speedup_vs_seed": speedup["median_of_medians"],
             "train_speedup_vs_seed_spread": speedup,
@@ -194,15 +220,15 @@ def train_row(sz: Sizes, text=None, profile_dir: Path = RESULTS_DIR,
             "train_setup": {
                 "batch": sz.train_batch, "steps_per_round": sz.train_steps,
                 "rounds": sz.train_rounds, "image_size": cfg.data.image_size,
-                "latent": f"{cfg.vae.latent_channels}x{cfg.data.image_size // cfg.vae.downsample_factor}"
-                          f"x{cfg.data.image_size // cfg.vae.downsample_factor}",
-                "vae": f"base {cfg.vae.base_channels} x {tuple(cfg.vae.channel_mult)}",
+                "latent": f"{vae_cfg.latent_channels}x{side}x{side}",
+                "vae": f"base {vae_cfg.base_channels} x {tuple(vae_cfg.channel_mult)}",
                 "vae_weights": b["vae_source"],
                 "unet": f"base {cfg.unet.base_channels} x {tuple(cfg.unet.channel_mult)}",
                 "unet_params": b["unet_params"],
                 "text_encoder": f"{cfg.text.encoder} (max_length {cfg.text.max_length})",
                 "widths": "the demo's (configs/shapes-demo.toml), not the seed's 128/152"},
         }
+        row.update(vae_width_cost(cfg, sz.train_rounds))
         if force_profile or not row["train_target_met"]:
             row["train_profiles"] = [str(profile_table(
                 steppers[name], profile_dir / f"profile_train_{name}.txt",

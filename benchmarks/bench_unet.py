@@ -151,8 +151,8 @@ def unet_rows(sz: Sizes, profile_dir: Path = RESULTS_DIR, force_profile: bool = 
         "unet_target_met": ratio["bf16"]["median_of_medians"] <= TARGET,
         **{f"unet_step_ms_{key}": summarize([1e3 * s for s in v], 2)
            for key, v in seconds.items()},
-        "unet_bf16_speedup_over_fp32": round(
-            statistics.median(seconds["ldmkit_fp32"]) / statistics.median(seconds["ldmkit_bf16"]), 3),
+        "unet_bf16_speedup_over_fp32": ratio_summary(
+            seconds["ldmkit_fp32"], seconds["ldmkit_bf16"])["median_of_medians"],
         "unet_params_ldmkit": params(ours),
         "unet_params_diffusers": params(b["models"]["diffusers"]),
         "unet_setup": {

@@ -57,9 +57,11 @@ def vae_row(sz: Sizes) -> dict:
                          for m, d in MODES.items()}, sz.vae_rounds)
     for mode, s in seconds.items():
         row[f"vae_train_ips_{mode}"] = summarize(rates(sz.vae_batch, s), 1)
-    row["vae_train_bf16_speedup"] = ratio_summary(seconds["fp32"], seconds["bf16"])["median_of_medians"]
+    row["vae_train_bf16_speedup"] = \
+        ratio_summary(seconds["fp32"], seconds["bf16"])["median_of_medians"]
     row["vae_setup"] = {"batch": sz.vae_batch, "rounds": sz.vae_rounds, "weights": source,
-                        "vae": f"base {cfg.vae.base_channels} x {tuple(cfg.vae.channel_mult)}, "
-                               f"f = {cfg.vae.downsample_factor}, 64x64 -> 8x8x4",
+                        "vae": f"base {vae.config.base_channels} x "
+                               f"{tuple(vae.config.channel_mult)}, f = {vae.factor}, "
+                               f"{cfg.data.image_size}px",
                         "train_step": "vae_throughput.train_steps (vae_loss, fused AdamW)"}
     return row

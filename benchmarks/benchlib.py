@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 DEMO_CONFIG = ROOT / "configs" / "shapes-demo.toml"
+SEED_CONFIG = ROOT / "configs" / "seed-coco64.toml"
 DEMO_MODEL = ROOT / "runs" / "demo" / "model"
 DEMO_VAE = ROOT / "runs" / "demo" / "vae" / "model"
 
@@ -33,18 +34,22 @@ DEMO_VAE = ROOT / "runs" / "demo" / "vae" / "model"
 # ----------------------------------------------------------------------------- timing
 
 
-def alternate(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+def alternate(contenders: dict[str, Callable[[], object]], rounds: int,
+              warmup: int | dict[str, int] = 1,
               repeat: dict[str, int] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each contender, over `rounds` rounds run A B A B ...
 
-    `warmup` untimed calls each first (oneDNN builds its kernels on first use);
-    `repeat[name]` calls make up one timed round of that contender (for contenders much
-    faster than the others, so every round lasts long enough to time), and the round's
-    time is divided by it."""
+    `warmup` untimed calls each first (oneDNN builds its kernels on first use), or per
+    contender as a dict (a contender whose one call runs hundreds of network passes warms
+    itself); `repeat[name]` calls make up one timed round of that contender (for
+    contenders much faster than the others, so every round lasts long enough to time),
+    and the round's time is divided by it."""
     repeat = repeat or {}
-    for _ in range(warmup):
-        for fn in contenders.values():
-            fn()
+    warm = warmup if isinstance(warmup, dict) else dict.fromkeys(contenders, warmup)
+    for i in range(max(warm.values(), default=0)):
+        for name, fn in contenders.items():
+            if warm.get(name, 0) > i:
+                fn()
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
@@ -104,7 +109,8 @@ def busy_warning() -> str:
     if load <= 0.5 * cores:
         return ""
     return (f"machine busy: 1-min load average {load:.1f} on {cores} cores before the "
-            f"suite started; figures are unreliable")
+            f"suite started; figures are unreliable (for a machinery check on a shared "
+            f"machine, --threads 1 avoids the worst of it)")
 
 
 def cpu_model() -> str:
@@ -156,7 +162,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> dict[str, f
 
 
 def profile_table(fn: Callable[[], object], path: Path, title: str, calls: int = 1,
-                  rows: int = 30, warmup: bool = False) -> Path:
+                  rows: int = 30, warmup: bool = False) -> str:
     """Run `fn` `calls` times under torch.profiler (after a warm-up call if `warmup`; the
     suite profiles contenders it has already timed, so they are warm) and write the top
     ops by self CPU time to `path`."""
@@ -171,7 +177,15 @@ def profile_table(fn: Callable[[], object], path: Path, title: str, calls: int =
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# {title}\n# {calls} call(s), torch {torch.__version__}, "
                     f"{torch.get_num_threads()} threads\n\n{table}\n")
-    return path
+    return display_path(path)
+
+
+def display_path(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it (for reports)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 # ----------------------------------------------------------------------------- memory

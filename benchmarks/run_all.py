@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/run_all.py --quick         # tiny sizes, checks the machinery
     .venv/bin/python benchmarks/run_all.py --experiments   # also the optional experiments
     .venv/bin/python benchmarks/run_all.py --only unet,vae # some rows, merged into latest.json
+    .venv/bin/python benchmarks/run_all.py --render        # only rewrite BENCHMARKS.md
 
 Rows: train (bench_train.py), sample (bench_sample.py), unet (bench_unet.py: diffusers
 ratio and peak utilisation), vae (bench_vae.py), rss (bench_rss.py, one subprocess per
@@ -47,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="results folder (default benchmarks/results[/quick])")
     ap.add_argument("--markdown", type=Path, default=MARKDOWN)
     ap.add_argument("--no-markdown", action="store_true")
+    ap.add_argument("--render", action="store_true",
+                    help="run nothing: regenerate BENCHMARKS.md from the saved results")
+    ap.add_argument("--fidelity-n", type=int, default=0,
+                    help="prompts judged per sampler in the sampling row (default 100; "
+                         "the seed's sampler costs ~2 s per prompt on 2 cores)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (default: every core this process may use)")
     ap.add_argument("--profile-all", action="store_true",
@@ -106,9 +112,13 @@ def run_suite(args: argparse.Namespace, rows: list[str], sz: benchlib.Sizes,
                "machine": {**benchlib.machine_info(), "busy_warning": benchlib.busy_warning()},
                "sizes": dataclasses.asdict(sz),
                "row_seconds": {}}
-    shared = {"text": TextEncoder.from_config(demo_config(sz.train_batch).text)}
+    shared = {}  # one text encoder for the rows that need one
+    if {"train", "sample"} & set(rows):
+        shared["text"] = TextEncoder.from_config(demo_config(sz.train_batch).text)
     for name in rows:
         print(f"\n== bench: {name} ==", flush=True)
+        for stale in out_dir.glob(f"profile_{name}_*.txt"):  # only this run's profiles stay
+            stale.unlink()
         t0 = time.perf_counter()
         try:
             results.update(run_row(name, args, sz, out_dir, shared))
@@ -138,12 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     rows, experiments = selected(args)
+    if args.render:
+        rows, experiments = [], False
     sz = benchlib.sizes(args.quick)
+    if args.fidelity_n:
+        sz = dataclasses.replace(sz, fidelity_n=args.fidelity_n)
     out_dir = args.out or (benchlib.RESULTS_DIR / "quick" if sz.quick else benchlib.RESULTS_DIR)
     threads = benchlib.set_threads(args.threads)
     print(f"ldmkit benchmarks: {'QUICK' if sz.quick else 'full'} mode, rows {rows}"
           f"{' + experiments' if experiments else ''}, {threads} threads", flush=True)
-    if benchlib.busy_warning():
+    if (rows or experiments) and benchlib.busy_warning():
         print(f"WARNING: {benchlib.busy_warning()}", flush=True)
     if rows:
         results = run_suite(args, rows, sz, out_dir)

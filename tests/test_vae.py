@@ -75,7 +75,8 @@ def test_logvar_is_clamped_to_minus_30_and_20():
 
 
 def test_sample_is_mean_plus_std_noise_and_follows_the_generator():
-    params = torch.cat([torch.full((1, 1, 64, 64), 2.0), torch.full((1, 1, 64, 64), 2 * np.log(0.5))], 1)
+    mean, logvar = torch.full((1, 1, 64, 64), 2.0), torch.full((1, 1, 64, 64), 2 * np.log(0.5))
+    params = torch.cat([mean, logvar], 1)
     post = DiagonalGaussian(params)
     a = post.sample(torch.Generator().manual_seed(1))
     assert torch.equal(a, post.sample(torch.Generator().manual_seed(1)))
@@ -179,8 +180,9 @@ def _reference_ssim(a: np.ndarray, b: np.ndarray) -> float:
         def blur(img):
             return gaussian_filter(img, sigma=1.5, truncate=3.5)[pad:-pad, pad:-pad]
         mu_a, mu_b = blur(ca), blur(cb)
-        va, vb, cov = blur(ca * ca) - mu_a ** 2, blur(cb * cb) - mu_b ** 2, blur(ca * cb) - mu_a * mu_b
-        s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (va + vb + c2))
+        va, vb = blur(ca * ca) - mu_a ** 2, blur(cb * cb) - mu_b ** 2
+        cov = blur(ca * cb) - mu_a * mu_b
+        s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
         scores.append(s.mean())
     return float(np.mean(scores))
 

@@ -20,7 +20,7 @@ import torch
 from ldmkit.config import Config, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes-demo.toml"
-VAE_SHARE = 0.4  # of the training minutes; the U-Net gets the rest
+VAE_SHARE = 0.4  # of --minutes when the config sets no budgets; the U-Net gets the rest
 EARLY_FRACTION = 0.25  # the early checkpoint of the CFG sweep: a quarter of the budget
 
 
@@ -57,10 +57,13 @@ def demo_config(args: argparse.Namespace) -> tuple[Config, float]:
     if args.tiny:
         overrides = TINY_OVERRIDES + overrides
     cfg = load_config(path, overrides + [f"train.seed={args.seed}", f"data.seed={args.seed}"])
-    minutes = args.minutes if args.minutes is not None else (0.0 if args.tiny else 9.0)
-    if minutes:
-        cfg.vae.minutes = round(minutes * VAE_SHARE, 3)
-        cfg.train.minutes = round(minutes * (1 - VAE_SHARE), 3)
+    configured = cfg.vae.minutes + cfg.train.minutes
+    minutes = configured if args.minutes is None else args.minutes
+    if minutes and not args.tiny:
+        # --minutes rescales both stages' budgets, keeping the config's split
+        vae_share = cfg.vae.minutes / configured if configured else VAE_SHARE
+        cfg.vae.minutes = round(minutes * vae_share, 3)
+        cfg.train.minutes = round(minutes - cfg.vae.minutes, 3)
         # the step counts become ceilings the minutes will hit first
         cfg.vae.steps, cfg.train.steps = 100_000, 100_000
     return cfg, minutes
@@ -73,7 +76,7 @@ TINY_OVERRIDES = [
     "unet.base_channels=16", "unet.channel_mult=[1, 2]", "unet.cross_attn_levels=[1]",
     "unet.num_res_blocks=1", "unet.num_heads=2", "diffusion.timesteps=20",
     "train.steps=4", "train.batch_size=8", "train.sample_every=1000",
-    "train.checkpoint_every=1000", "train.log_every=1",
+    "train.checkpoint_every=1000", "train.log_every=1", "vae.minutes=0", "train.minutes=0",
 ]
 
 
@@ -99,7 +102,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     watch = Stopwatch()
 
     with watch.stage("data"):
-        train_set = materialize(build_dataset(cfg.data, "train"))
+        train_set = materialize(build_dataset(cfg.data, "train"), num_workers=2)
         preview = [train_set[i] for i in range(16)]
         save_image_grid(torch.stack([img for img, _ in preview]), out / "data_preview.png",
                         nrow=8, captions=[c for _, c in preview], scale=2)

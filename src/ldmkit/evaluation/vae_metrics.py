@@ -39,7 +39,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
         raise ValueError(f"ssim needs two (B, C, H, W) tensors of one shape, got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     if min(a.shape[-2:]) < WINDOW:
-        raise ValueError(f"ssim needs images of at least {WINDOW}x{WINDOW}, got {tuple(a.shape[-2:])}")
+        raise ValueError(f"ssim needs images of at least {WINDOW}x{WINDOW}, "
+                         f"got {tuple(a.shape[-2:])}")
     a, b = a.double(), b.double()
     window = _gaussian_window(a.shape[1], a.dtype, a.device)
 
@@ -51,7 +52,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     var_b = blur(b * b) - mu_b ** 2
     cov = blur(a * b) - mu_a * mu_b
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
-    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)
+             / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
     return score.flatten(1).mean(dim=1).float()
 
 
@@ -65,7 +67,8 @@ def evaluate_vae(vae, dataset, n: int | None = None, batch_size: int = 32) -> di
     vae.eval()
     psnrs, ssims = [], []
     for start in range(0, n, batch_size):
-        x = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, n))]).to(device)
+        stop = min(start + batch_size, n)
+        x = torch.stack([dataset[i][0] for i in range(start, stop)]).to(device)
         recon = vae(x, sample_posterior=False)[0].float()
         x01, r01 = (x + 1) / 2, ((recon + 1) / 2).clamp(0, 1)
         psnrs.append(psnr(r01, x01).cpu())

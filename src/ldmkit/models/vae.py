@@ -50,7 +50,8 @@ class DiagonalGaussian:
 
 
 def vae_loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian,
-             kl_weight: float, kind: str = "mse") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             kl_weight: float, kind: str = "mse"
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, reconstruction, kl), all per image element, computed in float32.
 
     Normalisation, so `kl_weight` means the same at every image size:

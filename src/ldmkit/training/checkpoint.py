@@ -229,7 +229,8 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        return {"__items__": [[_encode(k, tensors, f"{path}.k{i}"), _encode(v, tensors, f"{path}.{k}")]
+        return {"__items__": [[_encode(k, tensors, f"{path}.k{i}"),
+                               _encode(v, tensors, f"{path}.{k}")]
                               for i, (k, v) in enumerate(obj.items())]}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj

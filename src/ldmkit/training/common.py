@@ -205,6 +205,7 @@ class RunningMean:
 
     def update(self, **values: float) -> dict[str, float]:
         for k, v in values.items():
+            old = self.values.get(k)
             v = float(v)
-            self.values[k] = v if k not in self.values else self.beta * self.values[k] + (1 - self.beta) * v
+            self.values[k] = v if old is None else self.beta * old + (1 - self.beta) * v
         return dict(self.values)

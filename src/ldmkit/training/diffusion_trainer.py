@@ -179,7 +179,10 @@ class _Run:
         bar = tqdm(total=cfg.train.steps, initial=step, disable=not main, desc="unet",
                    dynamic_ncols=True)
         saved_at, early_saved = step, (self.out_dir / "early").exists()
-        while not self.budget.done(step):
+        while True:
+            self.budget.sync(acc)  # every process stops at the same step
+            if self.budget.done(step):
+                break
             loss = self.train_step(batches.next(), step)
             step += 1
 

@@ -67,7 +67,8 @@ def train_vae(cfg: Config, out_dir: Path, resume: bool = False, dataset=None) ->
 
     vae = AutoencoderKL(cfg.vae, image_size=cfg.data.image_size)
     optimizer = make_optimizer(vae.parameters(), cfg.vae.lr, cfg.train.weight_decay)
-    budget = Budget(cfg.vae.steps, cfg.vae.minutes, elapsed=ckpt.extra.get("elapsed", 0.0) if ckpt else 0.0)
+    budget = Budget(cfg.vae.steps, cfg.vae.minutes,
+                    elapsed=ckpt.extra.get("elapsed", 0.0) if ckpt else 0.0)
     scheduler = make_lr_schedule(optimizer, cfg.vae.warmup_steps, cfg.vae.steps,
                                  progress=budget.progress if cfg.vae.minutes else None)
     step = restore_checkpoint(ckpt, {"vae": vae}, optimizer, scheduler,
@@ -81,9 +82,13 @@ def train_vae(cfg: Config, out_dir: Path, resume: bool = False, dataset=None) ->
 
     step = _train_loop(cfg, accelerator, model, vae, optimizer, scheduler, budget, train_set,
                        out_dir, step)
+    train_seconds = budget.elapsed
     accelerator.wait_for_everyone()
+    # prepare() wrapped forward in autocast; measure and save the plain float32 model
+    vae = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if accelerator.is_main_process:
-        _finish(cfg, vae.eval(), train_set, val_set, out_dir, accelerator.device, budget, step)
+        _finish(cfg, vae.eval(), train_set, val_set, out_dir, accelerator.device, step,
+                train_seconds)
     accelerator.wait_for_everyone()
     return out_dir / "model"
 
@@ -162,7 +167,7 @@ def latent_scale_factor(vae: AutoencoderKL, dataset, n: int = SCALE_SAMPLE,
 
 
 def _finish(cfg: Config, vae: AutoencoderKL, train_set, val_set, out_dir: Path, device,
-            budget: Budget, step: int) -> None:
+            step: int, train_seconds: float) -> None:
     from ldmkit.evaluation.vae_metrics import evaluate_vae
     from ldmkit.viz import plot_metrics, save_image_grid
 
@@ -172,7 +177,8 @@ def _finish(cfg: Config, vae: AutoencoderKL, train_set, val_set, out_dir: Path, 
     vae.save_pretrained(model_dir, image_size=cfg.data.image_size)
 
     metrics = out_dir / "metrics.jsonl"
-    plot_metrics(metrics, ["recon"], out_dir / "recon.png", f"reconstruction ({cfg.vae.recon_loss})")
+    plot_metrics(metrics, ["recon"], out_dir / "recon.png",
+                 f"reconstruction loss ({cfg.vae.recon_loss})")
     plot_metrics(metrics, ["kl"], out_dir / "kl.png", "KL per image element")
     with torch.no_grad():
         originals = torch.stack([val_set[i][0] for i in range(min(GRID_IMAGES, len(val_set)))])
@@ -187,8 +193,8 @@ def _finish(cfg: Config, vae: AutoencoderKL, train_set, val_set, out_dir: Path, 
     quality = evaluate_vae(vae, val_set, n=len(val_set))
     skipped = int(getattr(train_set, "skipped", 0)) + int(getattr(val_set, "skipped", 0))
     summary = {**quality, "scale_factor": scale, "steps": step,
-               "train_seconds": budget.elapsed, "skipped_items": skipped}
+               "train_seconds": round(train_seconds, 1), "skipped_items": skipped}
     write_json_atomic(out_dir / "summary.json", summary)
     print(f"step {step}: held-out PSNR {quality['psnr']:.2f} dB, SSIM {quality['ssim']:.4f} "
           f"({quality['n']} images); latent scale factor {scale:.4f}; "
-          f"training {budget.elapsed / 60:.2f} min; skipped bad data items: {skipped}")
+          f"training {train_seconds / 60:.2f} min; skipped bad data items: {skipped}")
