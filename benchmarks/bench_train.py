@@ -3,10 +3,11 @@
 Both contenders run the trainer's own step (`_Run.train_step` of
 ldmkit.training.diffusion_trainer: loss with caption dropout, backward, clipping, AdamW,
 LR schedule, EMA) on the same U-Net (same initial weights), batch and images, at the
-seed's 64x64 -> 8x8x4 geometry with the demo's widths (configs/shapes-demo.toml, or the
-demo's trained VAE): the seed's VAE base 128 and U-Net base 152 x (1, 2, 4, 8) are too
-slow to time on a CPU within the suite's budget; `vae_width_cost` shows what that choice
-does to the seed path's main extra cost.
+seed's 64x64 -> 8x8x4 geometry with the seed's VAE (base 128, random weights) and the
+demo's U-Net and text encoder (configs/shapes-demo.toml): the seed's U-Net, base 152 x
+(1, 2, 4, 8), 392M parameters, is too slow to time on a CPU within the suite's budget.
+`vae_width_cost` shows what the demo's much smaller VAE would leave of the seed path's
+extra cost.
 
 - fast:  cached latents + cached text embeddings (the trainer's `_batches` with
          train.use_cache = true), bf16 autocast;
@@ -27,7 +28,6 @@ import torch
 
 from benchlib import (
     DEMO_CONFIG,
-    DEMO_VAE,
     RESULTS_DIR,
     SEED_CONFIG,
     Sizes,
@@ -71,17 +71,16 @@ def demo_config(batch: int, overrides: tuple[str, ...] = ()):
 
 
 def load_vae(cfg, save_to: Path):
-    """The demo's trained VAE if `make demo` ran, else an untrained one (random weights
-    cost the same to run). Saved to `save_to` because the latent cache keys on the file."""
+    """The seed's VAE (configs/seed-coco64.toml: base 128 x (1, 1, 2, 4), 2 blocks per
+    level), untrained: random weights cost the same to run, and the seed path's main extra
+    cost is exactly this encoder. Saved to `save_to` because the latent cache keys on it."""
+    from ldmkit.config import load_config
     from ldmkit.models.vae import AutoencoderKL
 
-    if (DEMO_VAE / "model.safetensors").is_file():
-        vae, source = AutoencoderKL.from_pretrained(DEMO_VAE), str(DEMO_VAE)
-    else:
-        torch.manual_seed(0)
-        vae, source = AutoencoderKL(cfg.vae, cfg.data.image_size), "untrained (random weights)"
+    torch.manual_seed(0)
+    vae = AutoencoderKL(load_config(SEED_CONFIG).vae, cfg.data.image_size)
     vae.save_pretrained(save_to, image_size=cfg.data.image_size)
-    return vae.eval().requires_grad_(False), source
+    return vae.eval().requires_grad_(False), "the seed's widths, untrained (random weights)"
 
 
 def training_images(cfg, n: int):
@@ -226,7 +225,7 @@ def train_row(sz: Sizes, text=None, profile_dir: Path = RESULTS_DIR,
                 "unet": f"base {cfg.unet.base_channels} x {tuple(cfg.unet.channel_mult)}",
                 "unet_params": b["unet_params"],
                 "text_encoder": f"{cfg.text.encoder} (max_length {cfg.text.max_length})",
-                "widths": "the demo's (configs/shapes-demo.toml), not the seed's 128/152"},
+                "widths": "VAE at the seed's widths; U-Net and text at the demo's"},
         }
         row.update(vae_width_cost(cfg, sz.train_rounds))
         if force_profile or not row["train_target_met"]:

@@ -263,7 +263,7 @@ class Sizes:
     matmul_n: int
 
 
-FULL = Sizes(quick=False, train_batch=128, train_items=1024, train_rounds=5, train_steps=2,
+FULL = Sizes(quick=False, train_batch=128, train_items=512, train_rounds=3, train_steps=1,
              sample_batch=8, sample_rounds=3, fidelity_n=100, standin_timesteps=500,
              unet_batch=128, unet_rounds=5, unet_steps=2, vae_batch=64, vae_rounds=5,
              matmul_n=2048)

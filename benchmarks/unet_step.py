@@ -33,7 +33,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per mode")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--threads", type=int, default=0, help="CPU intra-op threads; 0 = torch's default")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU intra-op threads; 0 = torch's default")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args()
 
@@ -88,7 +89,8 @@ def main() -> None:
             times[mode].append(step(mode))
     result = {
         "benchmark": "unet_step",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else platform.processor() or "cpu"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "config": args.config,

@@ -32,7 +32,8 @@ def test_linear_betas_equal_diffusers_linear_with_ddpm_range_scaled_by_1000_over
                         num_train_timesteps=T).betas
     ours = NoiseSchedule("linear", T).betas
     torch.testing.assert_close(ours.double(), ref.double(), rtol=0, atol=1e-7)
-    assert ours[0].item() == pytest.approx(1e-4 * scale) and ours[-1].item() == pytest.approx(0.02 * scale)
+    assert ours[0].item() == pytest.approx(1e-4 * scale)
+    assert ours[-1].item() == pytest.approx(0.02 * scale)
 
 
 def test_cosine_alpha_bar_is_f_of_t_plus_one_over_f_zero_until_the_clip():
@@ -52,7 +53,8 @@ def test_tables_are_float32_and_prev_is_shifted_with_a_leading_one():
     assert sched.alphas_cumprod_prev[0].item() == 1.0
     torch.testing.assert_close(sched.alphas_cumprod_prev[1:], sched.alphas_cumprod[:-1])
     torch.testing.assert_close(sched.alphas, 1 - sched.betas)
-    torch.testing.assert_close(sched.alphas_cumprod, torch.cumprod(sched.alphas.double(), 0).float())
+    expected = torch.cumprod(sched.alphas.double(), 0).float()
+    torch.testing.assert_close(sched.alphas_cumprod, expected)
 
 
 def test_snr_is_alpha_bar_over_one_minus_alpha_bar_and_decreases():

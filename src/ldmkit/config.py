@@ -231,9 +231,11 @@ def _check_value(name: str, expected: Any, meta: Any, value: Any, source: str) -
                               f"{', '.join(map(repr, meta['choices']))}")
         if isinstance(item, (int, float)) and not isinstance(item, bool):
             if meta.get("lo") is not None and item < meta["lo"]:
-                raise ConfigError(f"{source}: {name} = {item!r} is out of range (must be >= {meta['lo']})")
+                raise ConfigError(f"{source}: {name} = {item!r} is out of range "
+                                  f"(must be >= {meta['lo']})")
             if meta.get("hi") is not None and item > meta["hi"]:
-                raise ConfigError(f"{source}: {name} = {item!r} is out of range (must be <= {meta['hi']})")
+                raise ConfigError(f"{source}: {name} = {item!r} is out of range "
+                                  f"(must be <= {meta['hi']})")
     return value
 
 
@@ -262,6 +264,8 @@ def _check_cross_field(cfg: Config, source: str) -> None:
                           f"by vae.downsample_factor = {cfg.vae.downsample_factor}")
     bad = [lvl for lvl in cfg.unet.cross_attn_levels if not 0 <= lvl < len(cfg.unet.channel_mult)]
     if bad:
-        raise ConfigError(f"{source}: unet.cross_attn_levels {bad} outside 0..{len(cfg.unet.channel_mult) - 1}")
+        raise ConfigError(f"{source}: unet.cross_attn_levels {bad} outside "
+                          f"0..{len(cfg.unet.channel_mult) - 1}")
     if cfg.data.dataset in ("coco", "folder") and not cfg.data.root:
-        raise ConfigError(f"{source}: data.root must name the folder for data.dataset = {cfg.data.dataset!r}")
+        raise ConfigError(f"{source}: data.root must name the folder for "
+                          f"data.dataset = {cfg.data.dataset!r}")

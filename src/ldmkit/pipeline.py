@@ -81,8 +81,10 @@ class TextToImagePipeline:
                          num_inference_steps: int = 25, guidance_scale: float = 5.0,
                          sampler: str = "dpmpp-2m", generator: torch.Generator | None = None,
                          callback: StepCallback | None = None, eta: float = 0.0,
-                         guidance_rescale: float = 0.0, two_pass: bool = False) -> torch.Tensor:
-        """Scaled latents for a list of prompts (one image each)."""
+                         guidance_rescale: float = 0.0, two_pass: bool = False,
+                         bf16: bool = False) -> torch.Tensor:
+        """Scaled latents for a list of prompts (one image each). `bf16` runs the U-Net
+        under bf16 autocast (the sampler's own arithmetic stays float32)."""
         if sampler not in SAMPLERS:
             raise UserError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
         if not 1 <= num_inference_steps <= self.schedule.timesteps:
@@ -94,9 +96,10 @@ class TextToImagePipeline:
         # Noise is drawn on the CPU so a seed gives the same images on any device.
         x_T = torch.randn(self.latent_shape(len(prompts)), generator=generator).to(self.device)
         denoiser = self.denoiser(cond, uncond, guidance_scale, guidance_rescale, two_pass)
-        return run_sampler(sampler, denoiser, x_T, self.schedule, num_inference_steps,
-                           eta=eta, generator=_device_generator(generator, self.device),
-                           callback=callback)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return run_sampler(sampler, denoiser, x_T, self.schedule, num_inference_steps,
+                               eta=eta, generator=_device_generator(generator, self.device),
+                               callback=callback).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ and report.md tying them together (GitHub-renderable, pictures linked relatively
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -40,12 +41,14 @@ def evaluate_and_illustrate(out: Path, text, tiny: bool = False) -> dict:
     pipe = TextToImagePipeline.from_pretrained(out / "model", text_encoder=text)
     showcase(pipe, out)
     evaluator = FidelityEvaluator()
-    n_head, n_other = (4, 4) if tiny else (200, 100)
+    n_head, n_other, n_slow = (4, 4, 4) if tiny else (200, 100, 50)
     entries = standard_entries(n_head, n_other, pipe.schedule.timesteps)
-    sweep = guidance_entries(n_head)
+    sweep = guidance_entries(n_head, n_other)
     final_rows, kept = evaluator.evaluate(pipe, sweep, keep_images=SWEEP_COLUMNS,
                                           desc="CFG sweep")
-    sampler_rows, _ = evaluator.evaluate(pipe, entries[len(sweep):], desc="samplers")
+    # full-T DDPM costs 25x a 20-step sampler: fewer images for that row
+    slow = [dataclasses.replace(e, n=n_slow) if e.steps > 100 else e for e in entries[len(sweep):]]
+    sampler_rows, _ = evaluator.evaluate(pipe, slow, desc="samplers")
     cfg_sweep_figure(kept, evaluator, final_rows, out / "cfg_sweep.png")
     result = {"judge_accuracy": evaluator.judge_accuracy(n=200 if tiny else 1000),
               "fidelity": final_rows + sampler_rows}
@@ -54,7 +57,7 @@ def evaluate_and_illustrate(out: Path, text, tiny: bool = False) -> dict:
         from ldmkit.models.unet import UNet
 
         pipe.unet = UNet.from_pretrained(early / "unet").eval()
-        early_rows, _ = evaluator.evaluate(pipe, guidance_entries(n_other), desc="early CFG")
+        early_rows, _ = evaluator.evaluate(pipe, guidance_entries(n_slow), desc="early CFG")
         result["early_checkpoint"] = {**read_json(early / "info.json"), "fidelity": early_rows}
     write_json_atomic(out / "evaluation.json", result)
     fidelity_plots(result, out)
@@ -159,12 +162,18 @@ def write_report(out: Path, cfg: Config, result: dict, timings: dict) -> None:
     head = {r["prompt_set"]: r["fidelity"] for r in result["fidelity"]
             if r["guidance"] == 5.0 and r["sampler"] == "dpmpp-2m" and r["steps"] == 20}
     early = result.get("early_checkpoint")
+    side = cfg.data.image_size // cfg.vae.downsample_factor
+    sweep_rows = [r for r in result["fidelity"] if r["sampler"] == "dpmpp-2m" and r["steps"] == 20]
+    sampler_rows = [r for r in result["fidelity"]
+                    if r["prompt_set"] == "single" and r["guidance"] == 5.0]
     text = f"""# ldmkit demo report
 
 Made by `ldmkit demo --out {out}` (`make demo`): built-in shapes data at
-{cfg.data.image_size}x{cfg.data.image_size}, a KL-VAE to {cfg.data.image_size // cfg.vae.downsample_factor}x{cfg.data.image_size // cfg.vae.downsample_factor}x{cfg.vae.latent_channels} latents,
+{cfg.data.image_size}x{cfg.data.image_size}, a KL-VAE to {side}x{side}x{cfg.vae.latent_channels}
+latents,
 the offline text encoder `{cfg.text.encoder}`, a {cfg.diffusion.prediction}-prediction U-Net
-with classifier-free guidance (p_uncond {cfg.diffusion.p_uncond}), cosine schedule, T = {cfg.diffusion.timesteps}.
+with classifier-free guidance (p_uncond {cfg.diffusion.p_uncond}), cosine schedule,
+T = {cfg.diffusion.timesteps}.
 
 ## Headline (DPM-Solver++ 20 steps, guidance 5)
 
@@ -214,7 +223,7 @@ Same prompts and initial noise, w = 1 (no guidance) to 7.5:
 
 ![fidelity vs guidance](cfg_fidelity.png)
 
-{_fidelity_table([r for r in result['fidelity'] if r['sampler'] == 'dpmpp-2m' and r['steps'] == 20])}
+{_fidelity_table(sweep_rows)}
 """ + (f"""
 Early checkpoint (step {early['step']}, a quarter of the budget):
 
@@ -224,7 +233,7 @@ Early checkpoint (step {early['step']}, a quarter of the budget):
 
 ![fidelity vs steps](fidelity_vs_steps.png)
 
-{_fidelity_table([r for r in result['fidelity'] if r['prompt_set'] == 'single' and r['guidance'] == 5.0])}
+{_fidelity_table(sampler_rows)}
 
 ## Time and memory
 

@@ -85,7 +85,8 @@ class CaptionedFiles(torch.utils.data.Dataset):
             except BadImageError as exc:
                 self._mark_bad(j, exc)
         raise UserError(f"{self.source}: none of the {n} images could be read "
-                        f"(first problem: {self.problems[0]['path']}: {self.problems[0]['reason']})")
+                        f"(first problem: {self.problems[0]['path']}: "
+                        f"{self.problems[0]['reason']})")
 
     def check_item(self, i: int) -> dict | None:
         """Read item i alone; None if fine, else its problem {"path", "reason"}."""

@@ -82,7 +82,13 @@ class Budget:
 
     def __init__(self, steps: int, minutes: float = 0.0, elapsed: float = 0.0):
         self.steps, self.seconds = steps, minutes * 60.0
+        self._carried = elapsed
         self._start = time.monotonic() - elapsed
+
+    def restart_clock(self) -> None:
+        """Start counting now (keeping a resumed run's carried time): one-off set-up such
+        as building a cache is not training time."""
+        self._start = time.monotonic() - self._carried
 
     @property
     def elapsed(self) -> float:
@@ -103,6 +109,36 @@ class Budget:
 
             shared = broadcast(torch.tensor([self.elapsed], device=accelerator.device))
             self._start = time.monotonic() - float(shared[0])
+
+
+class BudgetBar:
+    """A tqdm bar over whatever bounds the run: steps, or seconds when a minutes budget is
+    set (a bar of 100 000 step ceilings with an ETA in hours would mislead)."""
+
+    def __init__(self, budget: Budget, step: int, desc: str, disable: bool = False):
+        from tqdm.auto import tqdm
+
+        self.budget, self.timed = budget, bool(budget.seconds)
+        total = round(budget.seconds) if self.timed else budget.steps
+        self.bar = tqdm(total=total, initial=0 if self.timed else step, desc=desc,
+                        unit="s" if self.timed else "it", disable=disable, dynamic_ncols=True)
+        self.shown: dict = {}
+
+    def set_postfix(self, values: dict) -> None:
+        self.shown = dict(values)
+
+    def update(self, step: int) -> None:
+        """Call once per step; tqdm redraws at its own pace."""
+        self.bar.set_postfix({"step": step, **self.shown} if self.timed else self.shown,
+                             refresh=False)
+        if self.timed:
+            self.bar.n = min(round(self.budget.elapsed), self.bar.total)
+            self.bar.update(0)
+        else:
+            self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 # ----------------------------------------------------------------------------- data

@@ -21,7 +21,6 @@ import copy
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ldmkit.config import Config
 from ldmkit.diffusion.schedule import NoiseSchedule
@@ -32,6 +31,7 @@ from ldmkit.models.vae import AutoencoderKL
 from ldmkit.training.checkpoint import previous_checkpoint, restore_checkpoint, save_checkpoint
 from ldmkit.training.common import (
     Budget,
+    BudgetBar,
     MetricsLogger,
     RunningMean,
     Throughput,
@@ -96,6 +96,7 @@ def train_diffusion(cfg: Config, vae_dir: Path, out_dir: Path, resume: bool = Fa
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_json(out_dir / "config.json")
     batches = _batches(cfg, vae, Path(vae_dir), text, dataset, out_dir, device, step)
+    budget.restart_clock()  # the one-off cache build does not eat the training minutes
     model, optimizer = accelerator.prepare(unet, optimizer)
 
     run = _Run(cfg, accelerator, model, unet, ema, optimizer, scheduler, schedule, budget,
@@ -176,8 +177,7 @@ class _Run:
         logger = MetricsLogger(self.out_dir / "metrics.jsonl", resume_step=step or None) \
             if main else None
         speed, running = Throughput(), RunningMean()
-        bar = tqdm(total=cfg.train.steps, initial=step, disable=not main, desc="unet",
-                   dynamic_ncols=True)
+        bar = BudgetBar(self.budget, step, "unet", disable=not main)
         saved_at, early_saved = step, (self.out_dir / "early").exists()
         while True:
             self.budget.sync(acc)  # every process stops at the same step
@@ -189,12 +189,12 @@ class _Run:
             ips = speed.update(cfg.train.batch_size * acc.num_processes)
             if step % cfg.train.log_every == 0 or step == 1:  # .item() syncs: not every step
                 value = loss.item()
-                bar.set_postfix(loss=f"{running.update(loss=value)['loss']:.4f}",
-                                ips=f"{ips:.0f}", refresh=False)
+                bar.set_postfix({"loss": f"{running.update(loss=value)['loss']:.4f}",
+                                 "img/s": f"{ips:.0f}"})
                 if main:
                     logger.log(step, loss=value, lr=self.scheduler.get_last_lr()[0],
                                images_per_s=ips, elapsed_s=self.budget.elapsed)
-            bar.update(1)
+            bar.update(step)
             if main and step % cfg.train.sample_every == 0:
                 self.validation_grid(step)
             if self.early_fraction and not early_saved and \
@@ -214,7 +214,8 @@ class _Run:
 
     def checkpoint(self, step: int) -> None:
         if self.acc.is_main_process:
-            save_checkpoint(self.out_dir / "checkpoints", step, {"unet": self.unet, "ema": self.ema},
+            modules = {"unet": self.unet, "ema": self.ema}
+            save_checkpoint(self.out_dir / "checkpoints", step, modules,
                             self.optimizer, self.scheduler, extra={"elapsed": self.budget.elapsed},
                             scaler=self.acc.scaler)
         self.acc.wait_for_everyone()

@@ -24,7 +24,6 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ldmkit.config import Config
 from ldmkit.io import write_json_atomic
@@ -32,6 +31,7 @@ from ldmkit.models.vae import AutoencoderKL, vae_loss
 from ldmkit.training.checkpoint import previous_checkpoint, restore_checkpoint, save_checkpoint
 from ldmkit.training.common import (
     Budget,
+    BudgetBar,
     MetricsLogger,
     RunningMean,
     Throughput,
@@ -106,8 +106,7 @@ def _train_loop(cfg: Config, accelerator, model, vae: AutoencoderKL, optimizer, 
     logger = MetricsLogger(out_dir / "metrics.jsonl", resume_step=step or None) if main else None
     images_per_step = cfg.vae.batch_size * accelerator.num_processes
     speed, running = Throughput(), RunningMean()
-    bar = tqdm(total=cfg.vae.steps, initial=step, disable=not main, desc="vae",
-               dynamic_ncols=True)
+    bar = BudgetBar(budget, step, "vae", disable=not main)
     saved_at = step
     while not budget.done(step):
         images = next(batches)[0].to(accelerator.device, non_blocking=True)
@@ -125,9 +124,8 @@ def _train_loop(cfg: Config, accelerator, model, vae: AutoencoderKL, optimizer, 
 
         ips = speed.update(images_per_step)
         shown = running.update(loss=loss.item(), recon=rec.item(), kl=kl.item())
-        bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()} | {"img/s": f"{ips:.1f}"},
-                        refresh=False)
-        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()} | {"img/s": f"{ips:.1f}"})
+        bar.update(step)
         if main and (step % cfg.train.log_every == 0 or step == 1):
             logger.log(step, loss=loss.item(), recon=rec.item(), kl=kl.item(),
                        lr=scheduler.get_last_lr()[0], images_per_s=ips,
