@@ -51,13 +51,14 @@ class DiffusersAdapter(nn.Module):
                          return_dict=False)[0]
 
 
-def diffusers_unet(width: int, heads: int, context_dim: int):
-    """Three levels like the demo's: plain ResBlocks at the top, cross-attention below."""
+def diffusers_unet(width: int, heads: int, context_dim: int, blocks: int = 2):
+    """Three levels like the demo's: plain ResBlocks at the top, cross-attention below,
+    `blocks` ResBlocks per level as in ldmkit's config."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=LATENT[1], in_channels=LATENT[0], out_channels=LATENT[0],
-        block_out_channels=(width, 2 * width, 2 * width), layers_per_block=2,
+        block_out_channels=(width, 2 * width, 2 * width), layers_per_block=blocks,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=context_dim, attention_head_dim=heads,  # = number of heads
@@ -68,7 +69,8 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def matched_diffusers(target: int, heads: int, context_dim: int) -> tuple[nn.Module, int]:
+def matched_diffusers(target: int, heads: int, context_dim: int,
+                      blocks: int = 2) -> tuple[nn.Module, int]:
     """The diffusers U-Net whose parameter count is nearest `target`, width a multiple of 8
     (and of `heads`); raises if the nearest is off by more than 10 %. The search builds
     the candidates on the meta device: shapes only, no memory, no init time."""
@@ -77,7 +79,7 @@ def matched_diffusers(target: int, heads: int, context_dim: int) -> tuple[nn.Mod
         if width % heads:
             continue
         with torch.device("meta"):
-            count = params(diffusers_unet(width, heads, context_dim))
+            count = params(diffusers_unet(width, heads, context_dim, blocks))
         if best is None or abs(count - target) < abs(best[1] - target):
             best = (width, count)
         if count > 1.2 * target:
@@ -86,7 +88,7 @@ def matched_diffusers(target: int, heads: int, context_dim: int) -> tuple[nn.Mod
     if abs(count - target) > 0.1 * target:
         raise RuntimeError(f"no diffusers width within 10 % of {target} parameters")
     torch.manual_seed(0)
-    return diffusers_unet(width, heads, context_dim), width
+    return diffusers_unet(width, heads, context_dim, blocks), width
 
 
 def make_batch(batch: int, tokens: int, timesteps: int) -> dict:
@@ -119,7 +121,8 @@ def build(sz: Sizes) -> dict:
     cfg = load_config(DEMO_CONFIG)
     torch.manual_seed(0)
     ours = UNet(cfg.unet, LATENT[0], TEXT_WIDTH)
-    theirs, width = matched_diffusers(params(ours), cfg.unet.num_heads, TEXT_WIDTH)
+    theirs, width = matched_diffusers(params(ours), cfg.unet.num_heads, TEXT_WIDTH,
+                                      cfg.unet.num_res_blocks)
     theirs = DiffusersAdapter(theirs)
     batch = make_batch(sz.unet_batch, cfg.text.max_length, cfg.diffusion.timesteps)
     models = {"ldmkit": ours, "diffusers": theirs}
