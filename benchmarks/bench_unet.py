@@ -164,7 +164,8 @@ def unet_rows(sz: Sizes, profile_dir: Path = RESULTS_DIR, force_profile: bool = 
             "ldmkit": f"base {cfg.unet.base_channels} x {tuple(cfg.unet.channel_mult)}, "
                       f"cross-attn levels {cfg.unet.cross_attn_levels}, {cfg.unet.num_heads} heads",
             "diffusers": f"UNet2DConditionModel block_out_channels ({b['width']}, "
-                         f"{2 * b['width']}, {2 * b['width']}), layers_per_block 2, "
+                         f"{2 * b['width']}, {2 * b['width']}), "
+                         f"layers_per_block {cfg.unet.num_res_blocks}, "
                          f"{cfg.unet.num_heads} heads, norm groups {math.gcd(32, b['width'])}",
             "optimizer": "ldmkit make_optimizer (fused AdamW) for both",
             "rounds": sz.unet_rounds, "steps_per_round": k},

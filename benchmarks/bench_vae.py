@@ -6,13 +6,10 @@ Inference runs under no_grad, as the latent cache (encode) and the pipeline (dec
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import torch
 
-from bench_train import demo_config, load_vae, training_images
-from benchlib import Sizes, alternate, rates, ratio_summary, summarize
+from bench_train import demo_config, training_images
+from benchlib import DEMO_VAE, Sizes, alternate, rates, ratio_summary, summarize
 from vae_throughput import MODES, train_steps
 
 
@@ -20,12 +17,22 @@ def autocast(dtype):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None)
 
 
+def demo_vae(cfg):
+    """The demo's trained VAE if `make demo` ran, else the demo config's, untrained
+    (random weights cost the same to run)."""
+    from ldmkit.models.vae import AutoencoderKL
+
+    if (DEMO_VAE / "model.safetensors").is_file():
+        return AutoencoderKL.from_pretrained(DEMO_VAE).eval(), str(DEMO_VAE)
+    torch.manual_seed(0)
+    return AutoencoderKL(cfg.vae, cfg.data.image_size).eval(), "untrained (random weights)"
+
+
 def vae_row(sz: Sizes) -> dict:
     from ldmkit.training.common import make_optimizer
 
     cfg = demo_config(sz.vae_batch)
-    with tempfile.TemporaryDirectory() as tmp:
-        vae, source = load_vae(cfg, Path(tmp) / "vae")
+    vae, source = demo_vae(cfg)
     data = training_images(cfg, sz.vae_batch)
     x = torch.stack([data[i][0] for i in range(sz.vae_batch)])
     with torch.no_grad():
