@@ -97,3 +97,16 @@ def test_existing_run_without_resume_is_refused(setup):
     root, cfg, vae_dir, _ = setup
     with pytest.raises(UserError, match="--resume"):
         train_diffusion(cfg, vae_dir, root / "run")
+
+
+def test_old_latent_caches_are_pruned_to_the_newest_few(tmp_path):
+    import os
+
+    for i in range(5):
+        for suffix in (".safetensors", ".json"):
+            path = tmp_path / f"latents-{i}{suffix}"
+            path.write_text("x")
+            os.utime(path, (i, i))
+    latent_cache._prune(tmp_path, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"latents-{i}{s}" for i in (2, 3, 4) for s in (".json", ".safetensors")]

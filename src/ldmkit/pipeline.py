@@ -59,7 +59,8 @@ class TextToImagePipeline:
         return next(self.unet.parameters()).device
 
     def to(self, device: str | torch.device) -> TextToImagePipeline:
-        self.vae.to(device), self.unet.to(device), self.text_encoder.to(device)
+        for part in (self.vae, self.unet, self.text_encoder):
+            part.to(device)
         return self
 
     # ------------------------------------------------------------------ generation

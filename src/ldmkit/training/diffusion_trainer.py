@@ -242,7 +242,6 @@ class _Run:
         captions = [p for p in prompts for _ in range(per_prompt)]
         save_image_grid(images, self.out_dir / "samples" / f"step-{step:07d}.png",
                         nrow=per_prompt, captions=captions, scale=2)
-        self.ema.eval()
 
 
 def _finish(run: _Run, step: int, dataset) -> None:

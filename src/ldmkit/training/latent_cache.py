@@ -23,6 +23,7 @@ from ldmkit.training.common import infinite_loader
 from ldmkit.training.text_cache import TextEmbeddingCache
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # latents, tokens, mask
+KEEP_LATENT_CACHES = 3
 
 
 def item_captions(dataset, i: int) -> tuple[torch.Tensor, tuple[str, ...]]:
@@ -72,7 +73,17 @@ def cached_latents(vae: AutoencoderKL, vae_dir: Path, dataset, cache_dir: Path,
     tensors, captions = encode_dataset(vae, dataset, device=device)
     save_tensors_atomic(weights, tensors)
     write_json_atomic(meta, {"data": data_identity, "captions": captions})
+    _prune(cache_dir, KEEP_LATENT_CACHES)
     return tensors, captions
+
+
+def _prune(cache_dir: Path, keep: int) -> None:
+    """Every retrained VAE adds a latent cache; keep only the newest few."""
+    caches = sorted(cache_dir.glob("latents-*.safetensors"), key=lambda p: p.stat().st_mtime,
+                    reverse=True)
+    for old in caches[keep:]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
 
 
 class CachedBatches:
