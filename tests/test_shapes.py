@@ -253,7 +253,9 @@ def test_large_objects_are_clearly_larger_than_small_ones(size):
         areas = {z: [_mask(render_scene(Scene((ShapeObject("blue", shape, z, "center"),)),
                                         size, rng), COLORS["blue"]).sum() for _ in range(10)]
                  for z in SIZES}
-        assert min(areas["large"]) > 2.5 * max(areas["small"]), (shape, areas)
+        # radii 0.19 vs 0.125 (x1.52): areas x2.3 nominal, x1.9 at opposite +-5 % jitters,
+        # a little less once 32 px rounds the edges
+        assert min(areas["large"]) > 1.6 * max(areas["small"]), (shape, areas)
 
 
 def test_two_objects_stay_in_their_own_halves():

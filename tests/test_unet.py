@@ -91,8 +91,9 @@ def test_final_conv_is_zero_initialised_so_the_fresh_net_predicts_zero():
 # ----------------------------------------------------------------------------- conditioning
 
 
-def test_masked_padding_tokens_do_not_change_the_output():
-    model = randomize_output(UNet(tiny_cfg(), 4, CTX)).eval()
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_masked_padding_tokens_do_not_change_the_output(pooled_text):
+    model = randomize_output(UNet(tiny_cfg(pooled_text=pooled_text), 4, CTX)).eval()
     x, t, ctx, mask = inputs()
     garbage = 100 * torch.randn(2, 4, CTX)
     padded_ctx = torch.cat([ctx, garbage], dim=1)
@@ -103,20 +104,34 @@ def test_masked_padding_tokens_do_not_change_the_output():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_pooled_text_conditions_a_unet_without_cross_attention_at_its_levels():
+    # the middle always cross-attends; with pooled_text the text also reaches every
+    # ResBlock, so the outputs differ from the same weights without that path
+    cfg = tiny_cfg(pooled_text=True, cross_attn_levels=[])
+    model = randomize_output(UNet(cfg, 4, CTX)).eval()
+    x, t, ctx, mask = inputs()
+    with_pooled = model(x, t, ctx, mask)
+    model.text_embed.weight.data.zero_()
+    model.text_embed.bias.data.zero_()
+    assert not torch.allclose(with_pooled, model(x, t, ctx, mask))
+
+
 def test_the_text_changes_the_output():
     model = randomize_output(UNet(tiny_cfg(), 4, CTX)).eval()
     x, t, ctx, mask = inputs()
     assert not torch.allclose(model(x, t, ctx, mask), model(x, t, ctx + 1.0, mask))
 
 
-def test_a_caption_with_no_real_token_gives_a_finite_output():
-    model = randomize_output(UNet(tiny_cfg(), 4, CTX))
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_a_caption_with_no_real_token_gives_a_finite_output(pooled_text):
+    model = randomize_output(UNet(tiny_cfg(pooled_text=pooled_text), 4, CTX))
     x, t, ctx, _ = inputs()
     assert torch.isfinite(model(x, t, ctx, torch.zeros(2, 5, dtype=torch.bool))).all()
 
 
-def test_every_parameter_gets_a_nonzero_gradient():
-    model = randomize_output(UNet(tiny_cfg(), 4, CTX))
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_every_parameter_gets_a_nonzero_gradient(pooled_text):
+    model = randomize_output(UNet(tiny_cfg(pooled_text=pooled_text), 4, CTX))
     x, t, ctx, mask = inputs()
     model(x, t, ctx, mask).square().mean().backward()
     for name, p in model.named_parameters():
@@ -136,8 +151,10 @@ def test_channels_last_model_gives_the_same_output():
 # ----------------------------------------------------------------------------- persistence
 
 
-def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
-    model = randomize_output(UNet(tiny_cfg(dropout=0.1), 4, CTX)).eval()
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, pooled_text):
+    model = randomize_output(UNet(tiny_cfg(dropout=0.1, pooled_text=pooled_text), 4,
+                                  CTX)).eval()
     model.save_pretrained(tmp_path / "unet")
     assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == ["config.json",
                                                                      "model.safetensors"]
@@ -145,6 +162,14 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
     assert loaded.config_dict() == model.config_dict()
     x, t, ctx, mask = inputs()
     assert torch.equal(loaded(x, t, ctx, mask), model(x, t, ctx, mask))
+
+
+def test_a_folder_saved_before_pooled_text_existed_still_loads(tmp_path):
+    UNet(tiny_cfg(), 4, CTX).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["pooled_text"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert UNet.from_pretrained(tmp_path).text_embed is None
 
 
 def test_weights_that_do_not_match_the_config_are_refused_naming_the_file(tmp_path):

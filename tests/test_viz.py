@@ -9,6 +9,7 @@ from PIL import Image
 
 from ldmkit.errors import UserError
 from ldmkit.viz import (
+    display_scale,
     image_grid,
     moving_average,
     plot_metrics,
@@ -39,6 +40,13 @@ def test_grid_places_tiles_row_by_row_and_scales_with_nearest():
     tiles = [grid[2:26, 2:26], grid[2:26, 28:52], grid[28:52, 2:26], grid[28:52, 28:52]]
     for tile, rgb in zip(tiles, [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]):
         assert (tile == rgb).all()  # NEAREST: no blurred edges
+
+
+@pytest.mark.parametrize("size, scale", [(32, 4), (64, 2), (48, 3), (128, 1), (300, 1)])
+def test_small_images_are_upscaled_for_viewing_unless_a_scale_is_given(size, scale):
+    assert display_scale(size) == scale
+    assert image_grid(_solid(2, size), nrow=2).height == 2 + size * scale + 2
+    assert image_grid(_solid(2, size), nrow=2, scale=1).height == 2 + size + 2
 
 
 def test_captions_are_written_under_their_tiles_and_wrapped():

@@ -80,6 +80,8 @@ class UNetConfig:
     self_attn: bool = _opt(True)
     num_heads: int = _opt(4, lo=1)
     dropout: float = _opt(0.0, lo=0.0, hi=1.0)
+    pooled_text: bool = _opt(False, doc="add the masked mean of the text tokens to the "
+                                        "time embedding (global conditioning, as Imagen)")
 
 
 @dataclass

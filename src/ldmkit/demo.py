@@ -104,7 +104,7 @@ def run_demo(args: argparse.Namespace) -> Path:
         train_set = materialize(build_dataset(cfg.data, "train"), num_workers=2)
         preview = [train_set[i] for i in range(16)]
         save_image_grid(torch.stack([img for img, _ in preview]), out / "data_preview.png",
-                        nrow=8, captions=[c for _, c in preview], scale=2)
+                        nrow=8, captions=[c for _, c in preview])
     with watch.stage("vae"):
         vae_dir = train_vae(cfg, out / "vae", dataset=train_set)
     with watch.stage("text encoder"):

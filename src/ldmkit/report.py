@@ -50,7 +50,8 @@ def evaluate_and_illustrate(out: Path, text, tiny: bool = False) -> dict:
     slow = [dataclasses.replace(e, n=n_slow) if e.steps > 100 else e for e in entries[len(sweep):]]
     sampler_rows, _ = evaluator.evaluate(pipe, slow, desc="samplers")
     cfg_sweep_figure(kept, evaluator, final_rows, out / "cfg_sweep.png")
-    result = {"judge_accuracy": evaluator.judge_accuracy(n=200 if tiny else 1000),
+    result = {"judge_accuracy": evaluator.judge_accuracy(n=200 if tiny else 1000,
+                                                         image_size=pipe.image_size),
               "fidelity": final_rows + sampler_rows}
     early = out / "diffusion" / "early"
     if (early / "unet").is_dir():
@@ -75,7 +76,7 @@ def showcase(pipe, out: Path) -> None:
         prompts, num_inference_steps=20, guidance_scale=5.0,
         generator=torch.Generator().manual_seed(0)))
     captions = [p if i % SEEDS == 0 else "" for i, p in enumerate(prompts)]
-    save_image_grid(images, out / "prompts_grid.png", nrow=SEEDS, captions=captions, scale=2)
+    save_image_grid(images, out / "prompts_grid.png", nrow=SEEDS, captions=captions)
     final, frames = sample_with_frames(pipe, PROGRESS_PROMPTS, frames=8, num_inference_steps=20,
                                        guidance_scale=5.0,
                                        generator=torch.Generator().manual_seed(1))
@@ -96,7 +97,7 @@ def cfg_sweep_figure(kept: dict[Entry, torch.Tensor], evaluator: FidelityEvaluat
             prompts = evaluator.prompts(prompt_set, entry.n)[: len(images)]
             tiles.append(images)
             captions += [f"w={w:g} ({score[(prompt_set, w)]:.0%}): {p}" for p in prompts]
-    save_image_grid(torch.cat(tiles), path, nrow=SWEEP_COLUMNS, captions=captions, scale=2)
+    save_image_grid(torch.cat(tiles), path, nrow=SWEEP_COLUMNS, captions=captions)
 
 
 def fidelity_plots(result: dict, out: Path) -> None:

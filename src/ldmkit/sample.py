@@ -37,7 +37,7 @@ def sample_with_frames(pipe: TextToImagePipeline, prompts: list[str], frames: in
 
 
 def write_progress(frames: list[tuple[int, torch.Tensor]], final: torch.Tensor,
-                   out: Path, stem: str = "progress", scale: int = 2) -> None:
+                   out: Path, stem: str = "progress", scale: int | None = None) -> None:
     """One strip PNG (rows = images, columns = steps) and one GIF of the first image."""
     columns = [imgs for _, imgs in frames] + [final]
     labels = [f"t={t}" for t, _ in frames] + ["final"]
@@ -46,7 +46,7 @@ def write_progress(frames: list[tuple[int, torch.Tensor]], final: torch.Tensor,
     save_image_grid(torch.stack(tiles), out / f"{stem}.png", nrow=len(columns),
                     captions=labels * n, scale=scale)
     save_strip(torch.stack([col[0] for col in columns]), out / f"{stem}_0.png", labels, scale)
-    save_gif(torch.stack([col[0] for col in columns]), out / f"{stem}.gif", scale=4)
+    save_gif(torch.stack([col[0] for col in columns]), out / f"{stem}.gif")
 
 
 def cli_sample(args: argparse.Namespace) -> int:
@@ -70,6 +70,6 @@ def cli_sample(args: argparse.Namespace) -> int:
     pil = to_pil(images)
     for i, image in enumerate(pil):
         save_image(image, out / f"{i:04d}.png")
-    save_image_grid(pil, out / "grid.png", nrow=math.ceil(math.sqrt(args.n)), scale=2)
+    save_image_grid(pil, out / "grid.png", nrow=math.ceil(math.sqrt(args.n)))
     print(f"wrote {args.n} images and grid.png to {out}")
     return 0

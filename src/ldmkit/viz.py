@@ -79,15 +79,24 @@ def _line_height(font) -> int:
 # ----------------------------------------------------------------------------- grids
 
 
+DISPLAY_PX = 128  # small images are upscaled (NEAREST) to at least this for viewing
+
+
+def display_scale(size: int) -> int:
+    """The integer upscale that shows a `size`-pixel image at >= DISPLAY_PX (64 -> 2, 32 -> 4)."""
+    return max(1, -(-DISPLAY_PX // max(1, size)))
+
+
 def image_grid(images: Images, nrow: int, captions: Sequence[str] | None = None,
-               scale: int = 1) -> Image.Image:
-    """Tiles `nrow` images per row, each upsampled `scale`x (NEAREST) with its caption below."""
+               scale: int | None = None) -> Image.Image:
+    """Tiles `nrow` images per row, each upsampled `scale`x (NEAREST; None = display_scale)
+    with its caption below."""
     tiles = to_pil(images)
     if not tiles:
         raise ValueError("image_grid needs at least one image")
     if captions is not None and len(captions) != len(tiles):
         raise ValueError(f"{len(captions)} captions for {len(tiles)} images")
-    scale = max(1, int(scale))
+    scale = display_scale(max(t.width for t in tiles)) if scale is None else max(1, int(scale))
     tiles = [t.resize((t.width * scale, t.height * scale), Image.NEAREST) if scale > 1 else t
              for t in tiles]
     nrow = max(1, min(int(nrow), len(tiles)))
@@ -126,22 +135,24 @@ def save_image(image: Image.Image, path: str | Path) -> None:
 
 
 def save_image_grid(images: Images, path: str | Path, nrow: int,
-                    captions: Sequence[str] | None = None, scale: int = 1) -> None:
+                    captions: Sequence[str] | None = None, scale: int | None = None) -> None:
     _save_pil(image_grid(images, nrow, captions, scale), path)
 
 
 def save_strip(frames: Images, path: str | Path, labels: Sequence[str] | None = None,
-               scale: int = 1) -> None:
+               scale: int | None = None) -> None:
     """Progressive denoising frames side by side in one row, each with its label."""
     frames = to_pil(frames)
     _save_pil(image_grid(frames, nrow=len(frames), captions=labels, scale=scale), path)
 
 
-def save_gif(frames: Images, path: str | Path, duration_ms: int = 120, scale: int = 1) -> None:
+def save_gif(frames: Images, path: str | Path, duration_ms: int = 120,
+             scale: int | None = None) -> None:
     """An animated GIF of the frames, looping, holding the last frame a little longer."""
     frames = to_pil(frames)
     if not frames:
         raise ValueError("save_gif needs at least one frame")
+    scale = display_scale(frames[0].width) if scale is None else scale
     if scale > 1:
         frames = [f.resize((f.width * scale, f.height * scale), Image.NEAREST) for f in frames]
     durations = [duration_ms] * (len(frames) - 1) + [max(duration_ms, 1000)]

@@ -43,9 +43,11 @@ RELATION_POSITIONS = {"left of": ("left", "right"), "right of": ("right", "left"
                       "above": ("top", "bottom"), "below": ("bottom", "top")}
 INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below",
                     "below": "above"}
-# Half-extent as a fraction of the image: large is twice small, and a large object with
-# maximal jitter (0.20 + 0.04 from a quarter line) still stays inside its half.
-SIZE_RADIUS = {"small": 0.095, "large": 0.19}
+# Half-extent as a fraction of the image. A large object with maximal jitter (0.20 + 0.04
+# from a quarter line) still stays inside its half. Small is 1.5x smaller, not 2x: at 0.095
+# a small object spanned 1.5 latent pixels and no VAE trained in the demo's minutes drew
+# its shape right (a small square came back round); at 0.125 it spans 2 (BENCHMARKS.md).
+SIZE_RADIUS = {"small": 0.125, "large": 0.19}
 _RADIUS_JITTER = 0.05  # relative
 _POSITION_JITTER = 0.04  # fraction of the image
 _SUPERSAMPLE = 4

@@ -113,10 +113,12 @@ class FidelityEvaluator:
                 kept[entry] = images[:keep_images]
         return rows, kept
 
-    def judge_accuracy(self, n: int = 1000) -> dict[str, float]:
+    def judge_accuracy(self, n: int = 1000, image_size: int = 64) -> dict[str, float]:
+        """On fresh real images at the size the model generates (the judge resizes)."""
         from ldmkit.evaluation.judge import judge_accuracy
 
-        return {k: float(v) for k, v in judge_accuracy(self.judge, n=n).items()}
+        return {k: float(v) for k, v in judge_accuracy(self.judge, n=n,
+                                                        image_size=image_size).items()}
 
 
 def cli_evaluate(args: argparse.Namespace) -> int:
@@ -128,7 +130,8 @@ def cli_evaluate(args: argparse.Namespace) -> int:
         standard_entries(n, n, pipe.schedule.timesteps)
     evaluator = FidelityEvaluator()
     rows, _ = evaluator.evaluate(pipe, entries)
-    result = {"judge_accuracy": evaluator.judge_accuracy(), "fidelity": rows}
+    result = {"judge_accuracy": evaluator.judge_accuracy(image_size=pipe.image_size),
+              "fidelity": rows}
     out = Path(args.out) if args.out else Path(args.model) / "evaluation.json"
     write_json_atomic(out, result)
     for row in rows:

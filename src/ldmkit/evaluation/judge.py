@@ -170,10 +170,11 @@ def _object_labels(obj: ShapeObject, slot: str) -> dict[str, int]:
             f"shape_{slot}": SHAPES.index(obj.shape), f"size_{slot}": SIZES.index(obj.size)}
 
 
-def render_labelled(num_items: int, seed: int, split: str = "train"
+def render_labelled(num_items: int, seed: int, split: str = "train",
+                    image_size: int = IMAGE_SIZE
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Scene]]:
     """Real images of every colour/shape pair (held-out ones included), with head targets."""
-    data = ShapesDataset(image_size=IMAGE_SIZE, num_items=num_items, seed=seed,
+    data = ShapesDataset(image_size=image_size, num_items=num_items, seed=seed,
                          include_heldout=True, split=split)
     images, scenes = [], []
     for i in range(num_items):
@@ -278,15 +279,24 @@ def train_judge(steps: int = 400, seed: int = 0, batch_size: int = 128,
 
 
 def judge_accuracy(judge: ShapesJudge, n: int = 1000, seed: int = 1234,
-                   augmented: bool = False) -> dict[str, float]:
+                   augmented: bool = False, image_size: int = IMAGE_SIZE) -> dict[str, float]:
     """Per-attribute accuracy on fresh real images (a seed the judge never trained on).
 
     colour / shape / size: per object, slot by slot (so objects judged on the wrong side
     count as wrong). position: per scene; a single object's position class, or for two
-    objects the layout (side by side vs stacked). `augmented` judges degraded copies."""
-    images, labels, _ = render_labelled(n, seed, "val")
+    objects the layout (side by side vs stacked). `augmented` judges degraded copies;
+    `image_size` renders at another size (the judge resizes to its own)."""
+    images, labels, _ = render_labelled(n, seed, "val", image_size)
     if augmented:
         images = augment(images, torch.Generator().manual_seed(seed))
+    return attribute_accuracy(judge, images, labels)
+
+
+def attribute_accuracy(judge: ShapesJudge, images: torch.Tensor,
+                       labels: dict[str, torch.Tensor]) -> dict[str, float]:
+    """judge_accuracy's scoring for any images with known labels (e.g. VAE round trips
+    of real renders: how faithfully a VAE keeps what the prompts talk about)."""
+    n = images.shape[0]
     pred = predict(judge, images)
     single = labels["layout"] == 0
     layout_ok = pred["layout"] == labels["layout"]

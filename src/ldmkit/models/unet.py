@@ -27,6 +27,7 @@ from ldmkit.models.layers import (
     group_norm,
     timestep_embedding,
 )
+from ldmkit.models.text import masked_mean
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -75,6 +76,9 @@ class UNet(nn.Module):
         time_dim = 4 * cfg.base_channels
         self.time_embed = nn.Sequential(nn.Linear(cfg.base_channels, time_dim), nn.SiLU(),
                                         nn.Linear(time_dim, time_dim))
+        # Pooled text -> every ResBlock (through the time embedding): a cheap global
+        # signal for what the caption says, while cross-attention says where.
+        self.text_embed = nn.Linear(context_dim, time_dim) if cfg.pooled_text else None
 
         def attn(level: int | None, ch: int) -> AttentionBlock | None:
             # level None = the middle, which always cross-attends
@@ -127,6 +131,9 @@ class UNet(nn.Module):
             # instead (computed on device: no host sync).
             mask = mask | ~mask.any(dim=1, keepdim=True)
         temb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
+        if self.text_embed is not None:
+            pooled = context.mean(1) if mask is None else masked_mean(context, mask)
+            temb = temb + self.text_embed(pooled)
 
         h = self.conv_in(x)
         skips = [h]
@@ -169,6 +176,7 @@ class UNet(nn.Module):
         for key, value in dims.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{path}: {key} = {value!r} must be a positive integer")
+        raw.setdefault("pooled_text", False)  # folders written before the option existed
         missing = [f.name for f in dataclasses.fields(UNetConfig) if f.name not in raw]
         if missing:
             raise UserError(f"{path}: missing U-Net keys {', '.join(missing)}")

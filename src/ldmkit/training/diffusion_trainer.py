@@ -241,7 +241,7 @@ class _Run:
             s.sampler, torch.Generator().manual_seed(s.seed)))
         captions = [p for p in prompts for _ in range(per_prompt)]
         save_image_grid(images, self.out_dir / "samples" / f"step-{step:07d}.png",
-                        nrow=per_prompt, captions=captions, scale=2)
+                        nrow=per_prompt, captions=captions)
 
 
 def _finish(run: _Run, step: int, dataset) -> None:

@@ -182,11 +182,11 @@ def _finish(cfg: Config, vae: AutoencoderKL, train_set, val_set, out_dir: Path, 
         originals = torch.stack([val_set[i][0] for i in range(min(GRID_IMAGES, len(val_set)))])
         recon = vae(originals.to(device), sample_posterior=False)[0].cpu()
         save_image_grid(torch.cat([originals, recon]), out_dir / "reconstructions.png",
-                        nrow=len(originals), scale=2)
+                        nrow=len(originals))
         z = torch.randn(16, cfg.vae.latent_channels, *vae.latent_size(cfg.data.image_size),
                         generator=torch.Generator().manual_seed(cfg.train.seed))
         save_image_grid(vae.decode_latents(z.to(device)).cpu(), out_dir / "samples.png",
-                        nrow=8, scale=2)
+                        nrow=8)
 
     quality = evaluate_vae(vae, val_set, n=len(val_set))
     skipped = int(getattr(train_set, "skipped", 0)) + int(getattr(val_set, "skipped", 0))
