@@ -21,9 +21,10 @@ TINY = ["data.image_size=16", "vae.downsample_factor=4", "vae.channel_mult=[1, 2
         "unet.num_heads=2", "diffusion.timesteps=50", "diffusion.prediction=v"]
 
 
-def make_tiny_pipeline(root: Path, seed: int = 0) -> TextToImagePipeline:
+def make_tiny_pipeline(root: Path, seed: int = 0, hidden_layers=(-1,)) -> TextToImagePipeline:
     cfg = load_config(None, TINY)
-    text = TextEncoder(str(make_tiny_bert(root / "text", seed)), max_length=12)
+    text = TextEncoder(str(make_tiny_bert(root / "text", seed)), max_length=12,
+                       hidden_layers=hidden_layers)
     torch.manual_seed(seed)
     vae = AutoencoderKL(cfg.vae, image_size=cfg.data.image_size)
     unet = UNet(cfg.unet, cfg.vae.latent_channels, text.hidden_size)

@@ -33,6 +33,29 @@ def test_save_load_gives_identical_images_for_same_seed(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_the_folder_keeps_the_text_encoders_hidden_layers(tmp_path):
+    pipe = make_tiny_pipeline(tmp_path, hidden_layers=[0, -1])
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "saved")
+    assert loaded.text_encoder.hidden_layers == (0, -1)
+    for a, b in zip(_images(pipe), _images(loaded)):
+        assert torch.equal(a, b)
+    spec_path = tmp_path / "saved" / "text_encoder.json"
+    spec = json.loads(spec_path.read_text())
+    spec["hidden_layers"] = "last"
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="hidden_layers"):
+        TextToImagePipeline.from_pretrained(tmp_path / "saved")
+
+
+def test_a_folder_written_before_hidden_layers_existed_uses_the_last_layer(model_dir, tmp_path):
+    copy = shutil.copytree(model_dir, tmp_path / "old")
+    spec = json.loads((copy / "text_encoder.json").read_text())
+    del spec["hidden_layers"]
+    (copy / "text_encoder.json").write_text(json.dumps(spec))
+    assert TextToImagePipeline.from_pretrained(copy).text_encoder.hidden_layers == (-1,)
+
+
 def test_same_generator_seed_is_deterministic_and_seeds_differ(model_dir):
     pipe = TextToImagePipeline.from_pretrained(model_dir)
     first, again, other = _images(pipe, 1), _images(pipe, 1), _images(pipe, 2)

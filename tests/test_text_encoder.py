@@ -128,6 +128,31 @@ def test_encoder_is_frozen_in_eval_mode_and_bf16_still_returns_float32(tmp_path)
     assert F.cosine_similarity(emb.pooled, exact.pooled).min() > 0.99
 
 
+def test_hidden_layers_join_the_chosen_transformers_hidden_states_per_token(tiny):
+    kind, path, _ = tiny
+    encoder = TextEncoder(str(path), max_length=12, hidden_layers=[0, -1])
+    emb = encoder.encode(PROMPTS)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    batch = tokenizer(PROMPTS, padding="max_length", max_length=12, truncation=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        out = REFERENCE[kind].from_pretrained(str(path)).eval()(
+            **{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+    mask = batch["attention_mask"].bool()
+    assert encoder.hidden_size == 64 and emb.tokens.shape == (len(PROMPTS), 12, 64)
+    torch.testing.assert_close(emb.tokens[..., :32][mask], out.hidden_states[0][mask],
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(emb.tokens[..., 32:][mask], out.last_hidden_state[mask],
+                               atol=1e-5, rtol=1e-4)
+    assert emb.tokens[~mask].abs().max() == 0
+
+
+@pytest.mark.parametrize("layers", [[], [3], [-2], [0, 0]])
+def test_hidden_layers_outside_the_model_are_a_user_error_naming_the_key(tmp_path, layers):
+    with pytest.raises(UserError, match="text.hidden_layers"):
+        TextEncoder(str(make_tiny_bert(tmp_path)), max_length=10, hidden_layers=layers)
+
+
 def test_from_config_and_identity_follow_the_text_config(tmp_path):
     path = make_tiny_bert(tmp_path)
     encoder = TextEncoder.from_config(TextConfig(encoder=str(path), max_length=10))
@@ -137,6 +162,9 @@ def test_from_config_and_identity_follow_the_text_config(tmp_path):
     assert ident["path"] == str(path.resolve()) and len(ident["hash"]) == 40
     other = make_tiny_bert(tmp_path / "other", seed=1)  # same files, other weights
     assert TextEncoder(str(other), max_length=10).identity()["hash"] != ident["hash"]
+    joined = TextEncoder.from_config(TextConfig(encoder=str(path), max_length=10,
+                                                hidden_layers=[1, -1]))
+    assert joined.hidden_size == 64 and joined.identity() != ident  # the cache must rebuild
 
 
 def test_a_full_clip_folder_loads_its_text_tower(tmp_path):

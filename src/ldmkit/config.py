@@ -69,6 +69,8 @@ class TextConfig:
     dtype: str = _opt("float32", choices=("float32", "bfloat16"))
     revision: str = _opt("", doc="hub revision; empty = default")
     cache_dir: str = _opt("", doc="embedding cache folder; empty = <run>/cache")
+    hidden_layers: list[int] = _opt([-1], doc="hidden states joined per token: -1 = the last "
+                                              "layer, 0 = the embedding layer")
 
 
 @dataclass

@@ -130,7 +130,8 @@ class TextToImagePipeline:
         enc = self.text_encoder
         write_json_atomic(directory / "text_encoder.json", {
             "name": enc.name, "revision": enc.revision, "max_length": enc.max_length,
-            "dtype": enc.dtype, "hidden_size": enc.hidden_size})
+            "dtype": enc.dtype, "hidden_layers": list(enc.hidden_layers),
+            "hidden_size": enc.hidden_size})
         write_json_atomic(directory / "scheduler.json", {
             **self.schedule.to_dict(), "prediction": self.prediction, "x0_clamp": self.x0_clamp})
         # Written last: a folder without it was interrupted mid-save and is refused.
@@ -184,8 +185,12 @@ def _load_text_encoder(path: Path) -> TextEncoder:
     spec = read_json(path, "text encoder reference")
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise UserError(f"{path}: expected a JSON object with a string 'name'")
+    layers = spec.get("hidden_layers", [-1])  # absent in folders written before the option
+    if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
+        raise UserError(f"{path}: hidden_layers = {layers!r} must be a list of integers")
     encoder = TextEncoder(spec["name"], int(spec.get("max_length", 77)),
-                          spec.get("dtype", "float32"), spec.get("revision", ""))
+                          spec.get("dtype", "float32"), spec.get("revision", ""),
+                          hidden_layers=layers)
     if spec.get("hidden_size") not in (None, encoder.hidden_size):
         raise UserError(f"{path}: hidden_size {spec['hidden_size']} does not match the "
                         f"encoder {spec['name']} ({encoder.hidden_size})")

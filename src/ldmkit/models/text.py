@@ -148,7 +148,8 @@ class TextEncoder:
     its weights must never land in a U-Net optimizer or checkpoint."""
 
     def __init__(self, name_or_path: str, max_length: int = 77, dtype: str = "float32",
-                 revision: str = "", device: str | torch.device = "cpu") -> None:
+                 revision: str = "", device: str | torch.device = "cpu",
+                 hidden_layers: Sequence[int] = (-1,)) -> None:
         if dtype not in _DTYPES:
             raise UserError(f"text.dtype = {dtype!r} is not one of {', '.join(_DTYPES)}")
         self.name, self.revision, self.dtype = name_or_path, revision, dtype
@@ -157,7 +158,9 @@ class TextEncoder:
         self.tokenizer = _load_tokenizer(self.path)
         self.model = _load_model(self.path, model_class, _DTYPES[dtype]).to(device)
         self.max_length = _check_max_length(max_length, self.model.config, self.path)
-        self.hidden_size = int(self.model.config.hidden_size)
+        self.hidden_layers = _check_hidden_layers(hidden_layers, self.model.config, self.path)
+        # the width of one token's embedding: the chosen hidden states side by side
+        self.hidden_size = int(self.model.config.hidden_size) * len(self.hidden_layers)
         self._null: TextEmbeddings | None = None
         self._hash: str | None = None
 
@@ -165,7 +168,7 @@ class TextEncoder:
     def from_config(cls, text_cfg: Any, device: str | torch.device = "cpu") -> TextEncoder:
         """Build from an `ldmkit.config.TextConfig`."""
         return cls(text_cfg.encoder, text_cfg.max_length, text_cfg.dtype, text_cfg.revision,
-                   device)
+                   device, text_cfg.hidden_layers)
 
     @property
     def device(self) -> torch.device:
@@ -178,7 +181,8 @@ class TextEncoder:
 
     def __repr__(self) -> str:
         return (f"TextEncoder({self.name!r}, kind={self.kind}, max_length={self.max_length}, "
-                f"hidden_size={self.hidden_size}, dtype={self.dtype})")
+                f"hidden_layers={list(self.hidden_layers)}, hidden_size={self.hidden_size}, "
+                f"dtype={self.dtype})")
 
     def identity(self) -> dict:
         """What decides the embeddings: keys the cache (the path is informative only)."""
@@ -186,7 +190,8 @@ class TextEncoder:
             self._hash = _content_hash(self.path)
         return {"name": self.name, "path": str(self.path), "revision": self.revision,
                 "hash": self._hash, "class": type(self.model).__name__,
-                "max_length": self.max_length, "dtype": self.dtype}
+                "max_length": self.max_length, "dtype": self.dtype,
+                "hidden_layers": list(self.hidden_layers)}
 
     def null(self) -> TextEmbeddings:
         """The empty prompt, with its own attention mask, for CFG; computed once (batch 1)."""
@@ -230,8 +235,11 @@ class TextEncoder:
                                max_length=self.max_length, return_tensors="pt")
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool()
-        out = self.model(input_ids=ids, attention_mask=mask.long())
-        tokens = out.last_hidden_state.float() * mask.unsqueeze(-1)
+        out = self.model(input_ids=ids, attention_mask=mask.long(),
+                         output_hidden_states=self.hidden_layers != (-1,))
+        states = [out.last_hidden_state if i == -1 else out.hidden_states[i]
+                  for i in self.hidden_layers]
+        tokens = torch.cat(states, dim=-1).float() * mask.unsqueeze(-1)
         if self.kind == "clip":  # CLIP's own pooled vector: the EOS token's state
             pooled = out.pooler_output.float()
         else:
@@ -324,6 +332,21 @@ def _check_max_length(max_length: int, config: Any, path: Path) -> int:
         raise UserError(f"text.max_length = {max_length} exceeds the {limit} positions of "
                         f"the text encoder at {path}")
     return max_length
+
+
+def _check_hidden_layers(layers: Sequence[int], model_config: Any, path: Path) -> tuple[int, ...]:
+    """-1 = last_hidden_state (after any final norm); i >= 0 = hidden_states[i], where 0 is
+    the embedding layer's output. A sentence encoder's last layer nearly merges antonyms
+    ("left"/"right": cosine 0.89 in MiniLM's last layer, 0.50 in its embedding layer), so
+    joining an early layer keeps words apart that the captions depend on."""
+    count = int(getattr(model_config, "num_hidden_layers", 0))
+    layers = tuple(int(i) for i in layers)
+    bad = [i for i in layers if not -1 <= i <= count]
+    if not layers or bad or len(set(layers)) != len(layers):
+        raise UserError(f"text.hidden_layers = {list(layers)}: need distinct indices in "
+                        f"-1..{count} ({path.name} has {count} layers; 0 = embeddings, "
+                        "-1 = last)")
+    return layers
 
 
 @contextmanager
