@@ -172,7 +172,8 @@ def write_report(out: Path, cfg: Config, result: dict, timings: dict) -> None:
 Made by `ldmkit demo --out {out}` (`make demo`): built-in shapes data at
 {cfg.data.image_size}x{cfg.data.image_size}, a KL-VAE to {side}x{side}x{cfg.vae.latent_channels}
 latents,
-the offline text encoder `{cfg.text.encoder}`, a {cfg.diffusion.prediction}-prediction U-Net
+the offline text encoder `{cfg.text.encoder}` (hidden states {cfg.text.hidden_layers} per
+token), a {cfg.diffusion.prediction}-prediction U-Net
 with classifier-free guidance (p_uncond {cfg.diffusion.p_uncond}), cosine schedule,
 T = {cfg.diffusion.timesteps}.
 
