@@ -39,9 +39,11 @@ def obj(color, shape, size="large", position="center"):
     return ShapeObject(color, shape, size, position)
 
 
-def test_shipped_judge_is_at_least_98_percent_accurate_per_attribute_on_fresh_images(judge):
+@pytest.mark.parametrize("image_size", [64, 32])  # 32: the demo's images, resized up
+def test_shipped_judge_is_at_least_98_percent_accurate_per_attribute_on_fresh_images(
+        judge, image_size):
     # Seed 777 is neither the training seed (0) nor the seed judge.json reports (1234).
-    acc = judge_accuracy(judge, n=300, seed=777)
+    acc = judge_accuracy(judge, n=300, seed=777, image_size=image_size)
     assert set(acc) == {"shape", "color", "size", "position"}
     assert min(acc.values()) >= 0.98, acc
 
@@ -50,6 +52,7 @@ def test_shipped_metadata_records_architecture_and_trusted_accuracy():
     meta = json.loads(default_weights_path().with_suffix(".json").read_text())
     assert meta["architecture"] == load_judge().config
     assert min(meta["accuracy"].values()) >= 0.98
+    assert min(meta["accuracy_32"].values()) >= 0.98
     assert {"seed", "steps"} <= set(meta["train"]) and "date" in meta
     assert default_weights_path().stat().st_size < 2_000_000
 
