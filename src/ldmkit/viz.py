@@ -87,6 +87,14 @@ def display_scale(size: int) -> int:
     return max(1, -(-DISPLAY_PX // max(1, size)))
 
 
+def _upscaled(tiles: list[Image.Image], scale: int | None) -> list[Image.Image]:
+    """Every tile `scale`x larger (NEAREST: pixels stay crisp); None = display_scale."""
+    scale = display_scale(max(t.width for t in tiles)) if scale is None else max(1, int(scale))
+    if scale == 1:
+        return tiles
+    return [t.resize((t.width * scale, t.height * scale), Image.NEAREST) for t in tiles]
+
+
 def image_grid(images: Images, nrow: int, captions: Sequence[str] | None = None,
                scale: int | None = None) -> Image.Image:
     """Tiles `nrow` images per row, each upsampled `scale`x (NEAREST; None = display_scale)
@@ -96,9 +104,7 @@ def image_grid(images: Images, nrow: int, captions: Sequence[str] | None = None,
         raise ValueError("image_grid needs at least one image")
     if captions is not None and len(captions) != len(tiles):
         raise ValueError(f"{len(captions)} captions for {len(tiles)} images")
-    scale = display_scale(max(t.width for t in tiles)) if scale is None else max(1, int(scale))
-    tiles = [t.resize((t.width * scale, t.height * scale), Image.NEAREST) if scale > 1 else t
-             for t in tiles]
+    tiles = _upscaled(tiles, scale)
     nrow = max(1, min(int(nrow), len(tiles)))
     tile_w = max(t.width for t in tiles)
     tile_h = max(t.height for t in tiles)
@@ -152,9 +158,7 @@ def save_gif(frames: Images, path: str | Path, duration_ms: int = 120,
     frames = to_pil(frames)
     if not frames:
         raise ValueError("save_gif needs at least one frame")
-    scale = display_scale(frames[0].width) if scale is None else scale
-    if scale > 1:
-        frames = [f.resize((f.width * scale, f.height * scale), Image.NEAREST) for f in frames]
+    frames = _upscaled(frames, scale)
     durations = [duration_ms] * (len(frames) - 1) + [max(duration_ms, 1000)]
     _save_pil(frames[0], path, save_all=True, append_images=frames[1:], duration=durations,
               loop=0)
