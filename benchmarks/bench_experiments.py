@@ -103,6 +103,7 @@ def compiled(cfg, sz: Sizes) -> dict:
 
 def bf16_sampling(cfg, sz: Sizes) -> dict:
     from bench_sample import load_pipeline, standin_pipeline
+    from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
     from ldmkit.evaluation.fidelity import PROMPT_SEED
     from ldmkit.evaluation.prompts import prompt_set
 
@@ -113,12 +114,13 @@ def bf16_sampling(cfg, sz: Sizes) -> dict:
     def run(bf16: bool):
         def go():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                pipe.generate_latents(prompts, None, 20, 5.0, "dpmpp-2m",
-                                      torch.Generator().manual_seed(0))
+                pipe.generate_latents(prompts, None, HEADLINE.steps, HEADLINE.guidance,
+                                      HEADLINE.sampler, torch.Generator().manual_seed(0))
         return go
 
+    title = SAMPLERS[HEADLINE.sampler].title
     return compare(("fp32", run(False)), ("bf16 autocast", run(True)), sz.sample_rounds + 1,
-                   f"DPM-Solver++ 20 steps, batch {len(prompts)}, latents only")
+                   f"{title} {HEADLINE.steps} steps, batch {len(prompts)}, latents only")
 
 
 EXPERIMENTS = {"channels_last": channels_last, "adamw_fused_vs_foreach": adamw,

@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench_sample import load_pipeline, sampler_fns
-from bench_train import Stepper, make_run, prepare, stream
+from bench_train import Stepper, make_step, prepare, stream
 from benchlib import DEMO_MODEL, peak_rss_mb, set_threads, sizes
 
 
@@ -28,9 +28,9 @@ def train(quick: bool, cached: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         p = prepare(sz, Path(tmp))
         cfg, batches = stream(p, cached)
-        run = make_run(cfg, p["text"], p["vae"], p["init"], cached, Path(tmp) / "run")
+        step = make_step(cfg, p["text"], p["vae"], p["init"], bf16=cached)
         setup = peak_rss_mb()
-        Stepper(run, batches, max(2, sz.train_steps))()
+        Stepper(step, batches, max(2, sz.train_steps))()
     return {"rss_after_setup_mb": round(setup), "batch": sz.train_batch,
             "items_cached": sz.train_items if cached else 0}
 

@@ -1,10 +1,11 @@
 """Row 2: sampling images/s, ldmkit's default against the seed's sampler, on one trained
 model (runs/demo/model), with the judge's prompt fidelity of each.
 
-- fast: DPM-Solver++(2M), 20 steps, conditional and unconditional halves in one batched
-        U-Net call per step (`TextToImagePipeline.generate_latents`, the default);
-- seed: ancestral DDPM over all T steps, two separate U-Net calls per step
-        (`two_pass=True`), as the seed samples.
+- fast: the headline setting (registry.HEADLINE: DPM-Solver++(2M), 20 steps, w = 5),
+        conditional and unconditional halves in one batched U-Net call per step
+        (`TextToImagePipeline.generate_latents`, the default);
+- seed: the reference sampler (ancestral DDPM) over all T steps, two separate U-Net
+        calls per step (`two_pass=True`), as the seed samples.
 
 Both include text encoding and the VAE decode, i.e. prompt to image. Speed is timed on a
 small batch (the seed's sampler costs 2T U-Net calls); fidelity is judged on a larger
@@ -33,11 +34,10 @@ from benchlib import (
     ratio_summary,
     summarize,
 )
+from ldmkit.diffusion.registry import HEADLINE, reference_sampler
 
 TARGET_SPEEDUP = 25.0
 TARGET_FIDELITY_GAP = 0.03  # fast may trail the seed's fidelity by at most 3 points
-GUIDANCE = 5.0  # the seed's and the demo's guidance scale
-FAST_STEPS = 20
 NO_MODEL = "runs/demo/model not found: run make demo first"
 
 
@@ -81,11 +81,12 @@ def sampler_fns(pipe, prompts: list[str], seed_steps: int = 0) -> dict:
     def run(steps: int, sampler: str, two_pass: bool):
         def go():
             gen = torch.Generator().manual_seed(0)
-            return pipe.decode(pipe.generate_latents(prompts, None, steps, GUIDANCE, sampler,
-                                                     gen, two_pass=two_pass))
+            return pipe.decode(pipe.generate_latents(prompts, None, steps, HEADLINE.guidance,
+                                                     sampler, gen, two_pass=two_pass))
         return go
 
-    return {"fast": run(FAST_STEPS, "dpmpp-2m", False), "seed": run(T, "ddpm", True)}
+    return {"fast": run(HEADLINE.steps, HEADLINE.sampler, False),
+            "seed": run(T, reference_sampler(), True)}
 
 
 def fidelity(pipe, n: int) -> dict:
@@ -98,10 +99,10 @@ def fidelity(pipe, n: int) -> dict:
     except (UserError, OSError) as exc:
         return {"sample_fidelity_skipped": f"judge unavailable: {exc}"}
     out: dict = {}
-    for name, sampler, steps in (("fast", "dpmpp-2m", FAST_STEPS),
-                                 ("seed", "ddpm", pipe.schedule.timesteps)):
+    for name, sampler, steps in (("fast", HEADLINE.sampler, HEADLINE.steps),
+                                 ("seed", reference_sampler(), pipe.schedule.timesteps)):
         start = time.perf_counter()
-        images = evaluator.images(pipe, Entry("single", sampler, steps, GUIDANCE, n))
+        images = evaluator.images(pipe, Entry("single", sampler, steps, HEADLINE.guidance, n))
         seconds = time.perf_counter() - start
         score = evaluator.score(images, "single")
         out[f"sample_fidelity_{name}"] = round(score, 4)
@@ -135,9 +136,11 @@ def sample_row(sz: Sizes, text=None, model_dir: Path = DEMO_MODEL,
         "sample_setup": {
             "model": source, "trained": "untrained" not in source,
             "timesteps": pipe.schedule.timesteps, "prediction": pipe.prediction,
-            "x0_clamp": pipe.x0_clamp, "guidance": GUIDANCE,
-            "fast": f"dpmpp-2m {FAST_STEPS} steps, batched CFG (1 U-Net call of 2B per step)",
-            "seed": f"ddpm {pipe.schedule.timesteps} steps, 2 U-Net calls of B per step",
+            "x0_clamp": pipe.x0_clamp, "guidance": HEADLINE.guidance,
+            "fast": f"{HEADLINE.sampler} {HEADLINE.steps} steps, batched CFG "
+                    "(1 U-Net call of 2B per step)",
+            "seed": f"{reference_sampler()} {pipe.schedule.timesteps} steps, "
+                    "2 U-Net calls of B per step",
             "speed_batch": sz.sample_batch, "rounds": sz.sample_rounds,
             "fast_repeats_per_round": repeat["fast"],
             "includes": "text encoding, sampling, VAE decode"},

@@ -1,26 +1,25 @@
 """Row 1: diffusion training images/s, ldmkit's fast path against the seed's way.
 
-Both contenders run the trainer's own step (`_Run.train_step` of
-ldmkit.training.diffusion_trainer: loss with caption dropout, backward, clipping, AdamW,
-LR schedule, EMA) on the same U-Net (same initial weights), batch and images, at the
+Both contenders run the trainer's own step (the public `DiffusionStep` of
+ldmkit.training.diffusion_step: caption dropout, loss, backward, clipping, AdamW, LR
+schedule, EMA) on the same U-Net (same initial weights), batch and images, at the
 seed's 64x64 -> 8x8x4 geometry with the seed's VAE (base 128, random weights) and the
 demo's U-Net and text encoder (configs/shapes-demo.toml): the seed's U-Net, base 152 x
 (1, 2, 4, 8), 392M parameters, is too slow to time on a CPU within the suite's budget.
 `vae_width_cost` shows what the demo's much smaller VAE would leave of the seed path's
 extra cost.
 
-- fast:  cached latents + cached text embeddings (the trainer's `_batches` with
+- fast:  cached latents + cached text embeddings (`training_batches` with
          train.use_cache = true), bf16 autocast;
 - seed:  fp32, VAE encode + text encode inside every step (`LiveBatches`, use_cache = false);
 - cached_fp32: the cache without bf16, to show which half of the gap each change buys.
 
-The batches come from `_batches`, the same function `train_diffusion` calls, so the
+The batches come from `training_batches`, the same function `train_diffusion` calls, so the
 timed work is what training runs; the once-per-run cache build is timed separately.
 """
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
 
@@ -39,29 +38,6 @@ from benchlib import (
 )
 
 TARGET = 3.0
-
-
-class PrecisionShim:
-    """The parts of an Accelerator that `_Run` uses, at one fixed precision on the CPU.
-    Accelerate keeps the precision in a process-wide singleton, so two Accelerators of
-    different precision cannot take turns in one process, which A/B alternation needs."""
-
-    device = torch.device("cpu")
-    is_main_process = True
-    num_processes = 1
-    scaler = None
-
-    def __init__(self, bf16: bool):
-        self.bf16 = bf16
-
-    def autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def demo_config(batch: int, overrides: tuple[str, ...] = ()):
@@ -92,33 +68,28 @@ def training_images(cfg, n: int):
     return materialize(ShapesDataset(image_size=cfg.data.image_size, num_items=n, seed=0))
 
 
-def make_run(cfg, text, vae, init: dict, bf16: bool, out_dir: Path):
-    """A trainer `_Run` around a fresh U-Net loaded with `init`."""
-    from ldmkit.diffusion.schedule import NoiseSchedule
+def make_step(cfg, text, vae, init: dict, bf16: bool):
+    """The trainer's public step around a fresh U-Net loaded with `init`, without an
+    Accelerator (whose process-wide precision could not alternate bf16 and fp32)."""
+    from ldmkit.config import override_config
     from ldmkit.models.unet import UNet
-    from ldmkit.training.common import make_lr_schedule, make_optimizer
-    from ldmkit.training.diffusion_trainer import _Run
+    from ldmkit.training.diffusion_step import DiffusionStep
 
+    cfg = override_config(cfg, [f"train.mixed_precision={'bf16' if bf16 else 'no'}"])
     unet = UNet(cfg.unet, vae.config.latent_channels, text.hidden_size)
     unet.load_state_dict(init)
-    ema = copy.deepcopy(unet).requires_grad_(False).eval()
-    opt = make_optimizer(unet.parameters(), cfg.train.lr, cfg.train.weight_decay)
-    sched = make_lr_schedule(opt, cfg.train.warmup_steps, cfg.train.steps)
-    schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    return _Run(cfg, PrecisionShim(bf16), unet, unet, ema, opt, sched, schedule,
-                None, text, vae, out_dir, None)
+    return DiffusionStep(unet, cfg, text.null())
 
 
 class Stepper:
-    """k training steps of one run on its batch stream, counting steps for the EMA ramp."""
+    """k training steps of one run on its batch stream."""
 
-    def __init__(self, run, batches, k: int):
-        self.run, self.batches, self.k, self.step = run, batches, k, 0
+    def __init__(self, step, batches, k: int):
+        self.train_step, self.batches, self.k = step, batches, k
 
     def __call__(self) -> None:
         for _ in range(self.k):
-            self.run.train_step(self.batches.next(), self.step)
-            self.step += 1
+            self.train_step(*self.batches.next())
 
 
 def prepare(sz: Sizes, work: Path, text=None) -> dict:
@@ -137,13 +108,13 @@ def prepare(sz: Sizes, work: Path, text=None) -> dict:
 
 
 def stream(p: dict, cached: bool):
-    """The trainer's own batch stream (`_batches`): cached, or live like the seed."""
-    from ldmkit.training.diffusion_trainer import _batches
+    """The trainer's own batch stream (`training_batches`): cached, or live like the seed."""
+    from ldmkit.training.latent_cache import training_batches
 
     cfg = p["cfg"] if cached else demo_config(p["cfg"].train.batch_size,
                                               ("train.use_cache=false",))
     out = p["work"] / ("fast" if cached else "seed")
-    return cfg, _batches(cfg, p["vae"], p["work"] / "vae", p["text"], p["data"], out,
+    return cfg, training_batches(cfg, p["vae"], p["work"] / "vae", p["text"], p["data"], out,
                          torch.device("cpu"), 0)
 
 
@@ -157,9 +128,9 @@ def build(sz: Sizes, work: Path, text=None) -> dict:
     build_s = time.perf_counter() - start
     cfg_live, live = stream(p, cached=False)
     text, vae, init = p["text"], p["vae"], p["init"]
-    runs = {"fast": make_run(cfg, text, vae, init, True, work / "fast"),
-            "seed": make_run(cfg_live, text, vae, init, False, work / "seed"),
-            "cached_fp32": make_run(cfg, text, vae, init, False, work / "fp32")}
+    runs = {"fast": make_step(cfg, text, vae, init, True),
+            "seed": make_step(cfg_live, text, vae, init, False),
+            "cached_fp32": make_step(cfg, text, vae, init, False)}
     streams = {"fast": cached, "seed": live, "cached_fp32": cached}
     return {"cfg": cfg, "text": text, "vae": vae, "vae_source": p["vae_source"],
             "cache_build_s": build_s,

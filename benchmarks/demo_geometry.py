@@ -34,7 +34,7 @@ from ldmkit.evaluation.judge import (  # noqa: E402
     predict,
     render_labelled,
 )
-from ldmkit.io import read_json, write_json_atomic  # noqa: E402
+from ldmkit.io import write_json_atomic  # noqa: E402
 from ldmkit.models.vae import AutoencoderKL  # noqa: E402
 from ldmkit.training.vae_trainer import train_vae  # noqa: E402
 
@@ -64,16 +64,15 @@ def measure(name: str, overrides: list[str], minutes: float, n: int, judge) -> d
     # rendered into RAM first, as the demo does, so rendering does not eat training time
     train_set = materialize(build_dataset(cfg.data, "train"), num_workers=2)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = train_vae(cfg, Path(tmp) / "vae", dataset=train_set)
-        summary = read_json(Path(tmp) / "vae" / "summary.json", "VAE summary")
-        vae = AutoencoderKL.from_pretrained(model_dir).eval()
+        run = train_vae(cfg, Path(tmp) / "vae", dataset=train_set)
+        vae = AutoencoderKL.from_pretrained(run.model_dir).eval()
     images, labels, _ = render_labelled(n, EVAL_SEED, "val", cfg.data.image_size)
     with torch.no_grad():
         round_trip = vae.decode_latents(vae.encode_latents(images)).clamp(-1, 1)
     return {"geometry": name, "image_size": cfg.data.image_size,
             "downsample_factor": cfg.vae.downsample_factor,
             "channel_mult": cfg.vae.channel_mult, "minutes": minutes,
-            "steps": summary.get("steps"), "heldout_psnr_db": summary.get("psnr"),
+            "steps": run.steps, "heldout_psnr_db": run.psnr,
             "judged_round_trip": attribute_accuracy(judge, round_trip, labels),
             "small_object_shape": small_shape_accuracy(judge, round_trip, labels),
             "real_images_small_object_shape": small_shape_accuracy(judge, images, labels)}

@@ -167,14 +167,15 @@ def test_alternate_warms_up_only_the_contenders_asked_for():
 # ----------------------------------------------------------------------------- training glue
 
 
-def test_benchmark_training_step_is_the_trainers_step_at_the_shims_precision(tmp_path):
-    """bench_train runs `_Run.train_step` (AdamW moves the weights, the EMA follows) and its
-    precision shim turns autocast on for the fast path only."""
+def test_benchmark_training_step_is_the_trainers_public_step_at_its_precision(tmp_path):
+    """bench_train runs the trainer's `DiffusionStep` (AdamW moves the weights, the EMA
+    follows) with autocast on for the fast path only."""
     import bench_train
     from _tiny_text import make_tiny_bert
-    from ldmkit.models.text import TextEncoder
+    from ldmkit.models.text import TextEmbeddings, TextEncoder
     from ldmkit.models.unet import UNet
     from ldmkit.models.vae import AutoencoderKL
+    from ldmkit.training.diffusion_step import DiffusionStep
 
     cfg = bench_train.demo_config(2, ("unet.base_channels=16", "unet.channel_mult=[1, 2]",
                                       "unet.cross_attn_levels=[1]", "unet.num_heads=2",
@@ -182,14 +183,16 @@ def test_benchmark_training_step_is_the_trainers_step_at_the_shims_precision(tmp
     text = TextEncoder(str(make_tiny_bert(tmp_path)), max_length=8)
     vae = AutoencoderKL(cfg.vae)
     init = UNet(cfg.unet, 4, text.hidden_size).state_dict()
-    batch = (torch.randn(2, 4, 8, 8), torch.randn(2, 8, text.hidden_size),
-             torch.ones(2, 8, dtype=torch.bool))
+    batch = (torch.randn(2, 4, 8, 8), TextEmbeddings(torch.randn(2, 8, text.hidden_size),
+                                                     torch.ones(2, 8, dtype=torch.bool)))
     for bf16 in (True, False):
-        run = bench_train.make_run(cfg, text, vae, init, bf16, tmp_path)
-        with run.acc.autocast():
+        run = bench_train.make_step(cfg, text, vae, init, bf16)
+        assert isinstance(run, DiffusionStep)
+        with run.autocast():
             assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == \
                 (torch.bfloat16 if bf16 else torch.float32)
         ema_before = next(run.ema.parameters()).clone()
         bench_train.Stepper(run, type("B", (), {"next": lambda self: batch})(), k=2)()
+        assert run.step == 2
         assert not torch.equal(run.unet.conv_in.weight, init["conv_in.weight"])
         assert not torch.equal(next(run.ema.parameters()), ema_before)

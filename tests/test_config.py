@@ -1,15 +1,21 @@
 """Configs are validated once, at load: every error names the file and the key, exit 2."""
 
+import argparse
+import inspect
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from ldmkit.cli import main
-from ldmkit.config import load_config, load_config_json
+from ldmkit.cli import build_parser, main
+from ldmkit.config import SampleConfig, load_config, load_config_json
+from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
 from ldmkit.errors import ConfigError
+from ldmkit.pipeline import TextToImagePipeline
+from ldmkit.sample import sample_with_frames
 
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.toml"))
 
@@ -78,3 +84,54 @@ def test_console_command_reports_version():
     out = subprocess.run([sys.executable, "-m", "ldmkit.cli", "--version"],
                          capture_output=True, text=True, check=True).stdout
     assert out.startswith("ldmkit ")
+
+
+# ----------------------------------------------------------------------------- sampler table
+
+
+def _sample_parser() -> argparse.ArgumentParser:
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["sample"]
+
+
+def test_config_cli_and_pipeline_sample_with_the_headline_setting_by_default():
+    headline = (HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance)
+    cfg = SampleConfig()
+    assert (cfg.sampler, cfg.steps, cfg.guidance) == headline
+    args = _sample_parser().parse_args(["--model", "m", "--prompt", "p", "--out", "o"])
+    assert (args.sampler, args.steps, args.guidance) == headline
+    for method in (TextToImagePipeline.__call__, TextToImagePipeline.generate_latents):
+        params = inspect.signature(method).parameters
+        assert (params["sampler"].default, params["num_inference_steps"].default,
+                params["guidance_scale"].default) == headline, method.__name__
+
+
+def test_sample_frames_follow_the_pipelines_default_step_count():
+    class Pipe:  # records what sample_with_frames asks of a pipeline
+        def generate_latents(self, prompts, callback):
+            for i in range(HEADLINE.steps):
+                callback(i, 0, None, torch.zeros(1))
+            return torch.zeros(1)
+
+        def decode(self, latents):
+            return latents
+
+    _, frames = sample_with_frames(Pipe(), ["p"], frames=HEADLINE.steps)
+    assert len(frames) == HEADLINE.steps  # the recorder expected as many steps as were run
+
+
+def test_sample_parser_offers_the_registered_samplers_and_shows_the_defaults():
+    parser = _sample_parser()
+    sampler = next(a for a in parser._actions if a.dest == "sampler")
+    assert list(sampler.choices) == list(SAMPLERS)
+    text = " ".join(parser.format_help().split())  # argparse wraps lines
+    assert all(name in text for name in SAMPLERS)
+    assert f"(default {HEADLINE.steps})" in text and f"(default {HEADLINE.sampler})" in text
+
+
+def test_building_the_cli_parser_does_not_import_torch():
+    code = "import sys, ldmkit.cli; ldmkit.cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"

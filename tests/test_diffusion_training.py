@@ -8,10 +8,12 @@ import torch
 from _tiny_model import TINY
 from _tiny_text import make_tiny_bert
 from ldmkit.config import load_config
+from ldmkit.models.text import TextEmbeddings
 from ldmkit.models.vae import AutoencoderKL
-from ldmkit.training import diffusion_trainer, latent_cache
+from ldmkit.training import latent_cache
 from ldmkit.training.checkpoint import load_latest_checkpoint
 from ldmkit.training.common import Budget
+from ldmkit.training.diffusion_step import drop_captions
 from ldmkit.training.diffusion_trainer import train_diffusion
 
 
@@ -35,7 +37,7 @@ def test_training_writes_every_artifact_and_a_loadable_model(setup):
     from ldmkit.pipeline import TextToImagePipeline
 
     root, cfg, vae_dir, _ = setup
-    model = train_diffusion(cfg, vae_dir, root / "run")
+    model = train_diffusion(cfg, vae_dir, root / "run").model_dir
     run = root / "run"
     for name in ("config.json", "metrics.jsonl", "loss.png", "summary.json",
                  "samples/step-0000004.png", "checkpoints/latest", "model/model_index.json"):
@@ -59,16 +61,16 @@ def test_latent_cache_is_built_once_and_reused(setup, monkeypatch):
 
 
 def test_caption_dropout_replaces_caption_and_mask_by_the_null_prompt():
-    run = diffusion_trainer._Run.__new__(diffusion_trainer._Run)
     tokens, mask = torch.randn(4000, 6, 8), torch.ones(4000, 6, dtype=torch.bool)
-    run.null_tokens = torch.randn(1, 6, 8)
-    run.null_mask = torch.tensor([[True, True, False, False, False, False]])
-    dropped_tokens, dropped_mask = run.drop_captions(tokens, mask, p_uncond=1.0)
-    assert torch.equal(dropped_tokens, run.null_tokens.expand_as(tokens))
-    assert torch.equal(dropped_mask, run.null_mask.expand_as(mask))  # its own mask, not ones
-    kept_tokens, kept_mask = run.drop_captions(tokens, mask, p_uncond=0.0)
-    assert torch.equal(kept_tokens, tokens) and torch.equal(kept_mask, mask)
-    _, some = run.drop_captions(tokens, mask, p_uncond=0.2)
+    text = TextEmbeddings(tokens, mask)
+    null = TextEmbeddings(torch.randn(1, 6, 8),
+                          torch.tensor([[True, True, False, False, False, False]]))
+    dropped = drop_captions(text, null, p_uncond=1.0)
+    assert torch.equal(dropped.tokens, null.tokens.expand_as(tokens))
+    assert torch.equal(dropped.mask, null.mask.expand_as(mask))  # its own mask, not ones
+    kept = drop_captions(text, null, p_uncond=0.0)
+    assert torch.equal(kept.tokens, tokens) and torch.equal(kept.mask, mask)
+    some = drop_captions(text, null, p_uncond=0.2).mask
     assert abs((~some[:, 2]).float().mean().item() - 0.2) < 0.03
 
 

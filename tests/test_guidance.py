@@ -7,6 +7,7 @@ from torch import nn
 from ldmkit.config import UNetConfig
 from ldmkit.diffusion.guidance import CFGDenoiser, rescale_guidance
 from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.models.text import TextEmbeddings
 from ldmkit.models.unet import UNet
 
 D = 6
@@ -26,17 +27,17 @@ class ToyModel(nn.Module):
         return 0.7 * x + pooled[:, :4, None, None] + (t.to(x.dtype) / 500)[:, None, None, None]
 
 
-def cond_pair(seed, batch=1, length=5, real=5):
+def condition(seed, batch=1, length=5, real=5):
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(batch, length, dtype=torch.bool)
     mask[:, :real] = True
-    return torch.randn(batch, length, D, generator=g), mask
+    return TextEmbeddings(torch.randn(batch, length, D, generator=g), mask)
 
 
 SCHED = NoiseSchedule("cosine", 1000)
 X = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 T = torch.tensor([10, 500, 990])
-COND, UNCOND = cond_pair(1, real=4), cond_pair(2, real=1)
+COND, UNCOND = condition(1, real=4), condition(2, real=1)
 
 
 def split(out, prediction="eps"):
@@ -44,8 +45,7 @@ def split(out, prediction="eps"):
 
 
 def raw(model, cond):
-    tokens, mask = cond
-    return model(X, T, tokens.expand(3, -1, -1), mask.expand(3, -1))
+    return model(X, T, cond.tokens.expand(3, -1, -1), cond.mask.expand(3, -1))
 
 
 def test_scale_one_is_the_conditional_prediction_in_a_single_pass_of_batch_b():
@@ -81,11 +81,16 @@ def test_one_batched_pass_equals_two_separate_passes_and_the_cfg_formula(predict
                                    rtol=1e-4, atol=1e-3)
 
 
-def test_batched_pass_through_a_real_unet_equals_two_passes():
+def tiny_unet(**kw) -> UNet:
     cfg = UNetConfig(base_channels=16, channel_mult=[1, 2], num_res_blocks=1,
-                     cross_attn_levels=[1], num_heads=2)
+                     cross_attn_levels=[1], num_heads=2, **kw)
     model = UNet(cfg, 4, D).eval()
-    torch.nn.init.normal_(model.conv_out.weight, std=0.05)
+    torch.nn.init.normal_(model.conv_out.weight, std=0.05)  # undo the zero init: outputs vary
+    return model
+
+
+def test_batched_pass_through_a_real_unet_equals_two_passes():
+    model = tiny_unet()
     one = CFGDenoiser(model, SCHED, "v", COND, UNCOND, 4.0)(X, T)
     two = CFGDenoiser(model, SCHED, "v", COND, UNCOND, 4.0, two_pass=True)(X, T)
     for a, b in zip(one, two):
@@ -94,23 +99,33 @@ def test_batched_pass_through_a_real_unet_equals_two_passes():
 
 def test_batch_one_conditions_expand_to_the_latent_batch():
     model = ToyModel()
-    full_cond = (COND[0].expand(3, -1, -1).clone(), COND[1].expand(3, -1).clone())
-    full_uncond = (UNCOND[0].repeat(3, 1, 1), UNCOND[1].repeat(3, 1))
+    full_cond = TextEmbeddings(COND.tokens.expand(3, -1, -1).clone(),
+                               COND.mask.expand(3, -1).clone())
+    full_uncond = TextEmbeddings(UNCOND.tokens.repeat(3, 1, 1), UNCOND.mask.repeat(3, 1))
     a = CFGDenoiser(model, SCHED, "eps", COND, UNCOND, 3.0)(X, T)
     b = CFGDenoiser(model, SCHED, "eps", full_cond, full_uncond, 3.0)(X, T)
     torch.testing.assert_close(a, b)
 
 
+def test_padding_both_conditions_leaves_a_masked_unets_guided_output_unchanged():
+    torch.manual_seed(0)
+    model = tiny_unet(pooled_text=True)  # masked attention and the masked-mean pooled path
+    plain = CFGDenoiser(model, SCHED, "v", COND, UNCOND, 4.0)(X, T)
+    padded = CFGDenoiser(model, SCHED, "v", COND.pad_to(9), UNCOND.pad_to(7), 4.0)(X, T)
+    for a, b in zip(plain, padded):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_a_negative_prompt_of_another_token_length_is_padded_and_masked():
     model = ToyModel()
-    negative = cond_pair(3, length=3, real=2)
+    negative = condition(3, length=3, real=2)
     x0, _ = CFGDenoiser(model, SCHED, "eps", COND, negative, 2.0)(X, T)
-    padded = (torch.cat([negative[0], 99 * torch.ones(1, 2, D)], 1),
-              torch.cat([negative[1], torch.zeros(1, 2, dtype=torch.bool)], 1))
+    padded = TextEmbeddings(torch.cat([negative.tokens, 99 * torch.ones(1, 2, D)], 1),
+                            torch.cat([negative.mask, torch.zeros(1, 2, dtype=torch.bool)], 1))
     expected, _ = CFGDenoiser(model, SCHED, "eps", COND, padded, 2.0)(X, T)
     torch.testing.assert_close(x0, expected)
     with pytest.raises(ValueError, match="batch"):
-        CFGDenoiser(model, SCHED, "eps", cond_pair(4, batch=2), UNCOND, 2.0)(X, T)
+        CFGDenoiser(model, SCHED, "eps", condition(4, batch=2), UNCOND, 2.0)(X, T)
 
 
 # ----------------------------------------------------------------------------- rescale, clamp

@@ -1,14 +1,16 @@
 """Samplers against diffusers' schedulers (same model outputs, same spacing), the DDPM
 paper's Algorithm 2, and an exactly solvable Gaussian data distribution."""
 
+import inspect
 import math
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+from ldmkit.diffusion import samplers
+from ldmkit.diffusion.registry import SAMPLERS, reference_sampler
 from ldmkit.diffusion.samplers import (
-    SAMPLERS,
     run_sampler,
     sample_ddim,
     sample_ddpm,
@@ -239,3 +241,14 @@ def test_seeded_stochastic_samplers_are_reproducible():
 def test_unknown_sampler_name_is_rejected():
     with pytest.raises(ValueError, match="euler"):
         run_sampler("euler", eps_denoiser(NoiseSchedule()), _x_T(), NoiseSchedule(), 5)
+
+
+def test_every_registered_sampler_is_a_function_with_the_shared_signature():
+    shared = list(inspect.signature(run_sampler).parameters)[1:]  # all but the name
+    for info in SAMPLERS.values():
+        assert list(inspect.signature(getattr(samplers, info.function)).parameters) == shared
+
+
+def test_the_reference_sampler_is_ancestral_ddpm():
+    assert reference_sampler() == "ddpm" and SAMPLERS["ddpm"].stochastic
+    assert [name for name, info in SAMPLERS.items() if info.reference] == ["ddpm"]

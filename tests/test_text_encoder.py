@@ -239,6 +239,19 @@ def test_text_embeddings_helpers_keep_rows_masks_and_batch_dims():
         TextEmbeddings(torch.zeros(2, 3, 4), torch.ones(2, 3))  # not a bool mask
 
 
+def test_pad_to_appends_zero_tokens_masked_out_and_keeps_the_pooled_vector():
+    a = TextEmbeddings(torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [1, 0, 0]]).bool(),
+                       torch.randn(2, 4))
+    padded = a.pad_to(5)
+    assert padded.tokens.shape == (2, 5, 4) and padded.mask.shape == (2, 5)
+    assert torch.equal(padded.tokens[:, :3], a.tokens) and torch.equal(padded.mask[:, :3], a.mask)
+    assert not padded.mask[:, 3:].any() and padded.tokens[:, 3:].abs().sum() == 0
+    assert padded.pooled is a.pooled
+    assert a.pad_to(3) is a  # already that long: nothing to do
+    with pytest.raises(ValueError, match="pad"):
+        a.pad_to(2)
+
+
 # ----------------------------------------------------------------------------- packaged
 
 

@@ -11,6 +11,7 @@ from ldmkit.diffusion.guidance import CFGDenoiser
 from ldmkit.diffusion.samplers import run_sampler
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import UserError
+from ldmkit.models.text import TextEmbeddings
 from ldmkit.models.unet import AttentionBlock, UNet
 
 CTX = 8
@@ -221,20 +222,19 @@ def test_a_tiny_unet_overfits_one_pair_and_guided_sampling_returns_its_latent(on
     model = UNet(tiny_cfg(self_attn=False), 4, CTX)
     sched = NoiseSchedule("cosine", 100)
     x0 = torch.randn(1, 4, 8, 8, generator=g)
-    cond = (torch.randn(1, 5, CTX, generator=g), torch.ones(1, 5, dtype=torch.bool))
+    cond = TextEmbeddings(torch.randn(1, 5, CTX, generator=g), torch.ones(1, 5, dtype=torch.bool))
     null_mask = torch.zeros(1, 5, dtype=torch.bool)
     null_mask[:, 0] = True
-    uncond = (torch.zeros(1, 5, CTX), null_mask)
+    uncond = TextEmbeddings(torch.zeros(1, 5, CTX), null_mask)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     batch = 32
     data = x0.expand(batch, -1, -1, -1)
     for _ in range(150):
         t = torch.randint(0, 100, (batch,), generator=g)
         noise = torch.randn(data.shape, generator=g)
-        drop = (torch.rand(batch, generator=g) < 0.2)[:, None]  # CFG caption dropout
-        ctx = torch.where(drop[..., None], uncond[0], cond[0])
-        mask = torch.where(drop, uncond[1], cond[1])
-        pred = model(sched.q_sample(data, t, noise), t, ctx, mask)
+        drop = torch.rand(batch, generator=g) < 0.2  # CFG caption dropout
+        text = cond.where(~drop, uncond)
+        pred = model(sched.q_sample(data, t, noise), t, text.tokens, text.mask)
         loss = (pred - sched.training_target(data, noise, t, "v")).square().mean()
         opt.zero_grad()
         loss.backward()

@@ -12,13 +12,18 @@ import json
 import sys
 
 from ldmkit import __version__
+from ldmkit.diffusion.registry import HEADLINE, SAMPLERS  # torch-free: --help stays instant
 from ldmkit.errors import UserError
 
 
-def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False,
+                     resolve: bool = True) -> None:
+    """--config FILE and overrides. With `resolve`, `main` hands the command the validated
+    Config as `args.cfg` (the library never parses command lines itself)."""
     p.add_argument("--config", required=required, help="TOML config file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="override config values, e.g. train.batch_size=64")
+    p.set_defaults(resolve_config=resolve)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=None, help="training budget (both stages)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (CI)")
-    _add_config_args(p)
+    _add_config_args(p, resolve=False)  # the demo layers its own defaults (demo_config)
     p.set_defaults(handler="ldmkit.demo:cli_demo")
 
     p = sub.add_parser("config", help="inspect configs")
@@ -86,9 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder (see README: model directory)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--n", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp-2m"), default="dpmpp-2m")
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=HEADLINE.steps,
+                   help="denoising steps (default %(default)s)")
+    p.add_argument("--sampler", choices=tuple(SAMPLERS), default=HEADLINE.sampler,
+                   help="one of %(choices)s (default %(default)s)")
+    p.add_argument("--guidance", type=float, default=HEADLINE.guidance,
+                   help="classifier-free guidance scale (default %(default)s)")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -118,7 +126,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cli_config_show(args: argparse.Namespace) -> int:
-    print(json.dumps(config_from_args(args).to_dict(), indent=2))
+    print(json.dumps(args.cfg.to_dict(), indent=2))
     return 0
 
 
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, func_name = args.handler.split(":")
     try:
+        if getattr(args, "resolve_config", False):
+            args.cfg = config_from_args(args)
         handler = getattr(importlib.import_module(module_name), func_name)
         return int(handler(args) or 0)
     except UserError as exc:

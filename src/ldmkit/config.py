@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sys
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
 from ldmkit.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -44,16 +46,31 @@ class DataConfig:
 
 
 @dataclass
-class VAEConfig:
+class VAEArchitecture:
+    """What builds the VAE network, and all a VAE model folder's config.json holds
+    (as nanoGPT's model_args and diffusers' @register_to_config: no training settings)."""
+
     downsample_factor: int = _opt(8, choices=(4, 8))
     base_channels: int = _opt(64, lo=8)
     channel_mult: list[int] = _opt([1, 2, 2, 4], doc="one entry per level: log2(factor) + 1")
     num_res_blocks: int = _opt(1, lo=1)
     latent_channels: int = _opt(4, lo=1)
     attention: bool = _opt(True, doc="self-attention at the lowest resolution")
+    scale_factor: float = _opt(0.0, lo=0.0, doc="1/std of latents; 0 = compute after training")
+
+    def architecture(self) -> VAEArchitecture:
+        """Only the fields that build the network (drops a VAEConfig's training settings)."""
+        names = [f.name for f in dataclasses.fields(VAEArchitecture)]
+        return VAEArchitecture(**{n: copy.deepcopy(getattr(self, n)) for n in names})
+
+
+@dataclass
+class VAEConfig(VAEArchitecture):
+    """[vae]: the architecture above plus how stage 1 trains it. One TOML section keeps
+    configs short; the model folder saves only `architecture()`."""
+
     kl_weight: float = _opt(1e-6, lo=0.0, doc="relative to per-pixel reconstruction loss")
     recon_loss: str = _opt("mse", choices=("mse", "l1"))
-    scale_factor: float = _opt(0.0, lo=0.0, doc="1/std of latents; 0 = compute after training")
     steps: int = _opt(2000, lo=1)
     batch_size: int = _opt(32, lo=1)
     lr: float = _opt(2e-4, lo=0.0)
@@ -119,9 +136,9 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = _opt("dpmpp-2m", choices=("ddpm", "ddim", "dpmpp-2m"))
-    steps: int = _opt(20, lo=1)
-    guidance: float = _opt(5.0, lo=0.0)
+    sampler: str = _opt(HEADLINE.sampler, choices=tuple(SAMPLERS))
+    steps: int = _opt(HEADLINE.steps, lo=1)
+    guidance: float = _opt(HEADLINE.guidance, lo=0.0)
     guidance_rescale: float = _opt(0.0, lo=0.0, hi=1.0)
     eta: float = _opt(0.0, lo=0.0, hi=1.0)
     n: int = _opt(8, lo=1)
@@ -156,16 +173,23 @@ SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a TOML file (or the defaults), apply `section.key=value` overrides, validate."""
     source = str(path) if path else "<defaults>"
-    raw: dict = {}
-    if path is not None:
-        raw = _read_toml(Path(path))
-    for item in overrides or []:
+    raw = _read_toml(Path(path)) if path is not None else {}
+    return config_from_dict(_with_overrides(raw, overrides or [], source), source)
+
+
+def override_config(cfg: Config, overrides: list[str], source: str = "<override>") -> Config:
+    """A copy of `cfg` with `section.key=value` overrides applied, validated again."""
+    return config_from_dict(_with_overrides(cfg.to_dict(), overrides, source), source)
+
+
+def _with_overrides(raw: dict, overrides: list[str], source: str) -> dict:
+    for item in overrides:
         section, key, value = _parse_override(item)
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{source}: [{section}] must be a table")
         raw[section][key] = value
-    return config_from_dict(raw, source)
+    return raw
 
 
 def config_from_dict(raw: dict, source: str = "<dict>") -> Config:

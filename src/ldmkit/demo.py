@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 
 from ldmkit.config import Config, load_config
+from ldmkit.diffusion.registry import HEADLINE
+from ldmkit.io import write_json_atomic
+from ldmkit.report import headline_setting
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes-demo.toml"
 VAE_SHARE = 0.4  # of --minutes when the config sets no budgets; the U-Net gets the rest
@@ -79,15 +82,33 @@ TINY_OVERRIDES = [
 ]
 
 
+SHOWCASE_PROMPTS = [
+    "a red circle",
+    "a large blue square on the left",
+    "a small yellow triangle at the top",
+    "a green cross in the center",
+    "a purple triangle",  # held out of training: never seen as a pair
+    "an orange circle on the right",  # held out too
+    "a red square left of a blue circle",
+    "a yellow cross above a green square",
+]
+SEEDS = 6
+PROGRESS_PROMPTS = SHOWCASE_PROMPTS[1:3] + SHOWCASE_PROMPTS[4:5] + SHOWCASE_PROMPTS[6:7]
+SWEEP_COLUMNS = 8
+
+
 def cli_demo(args: argparse.Namespace) -> int:
     run_demo(args)
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> Path:
+    """Every stage in order; this function alone decides what is written where."""
     from ldmkit.data import build_dataset
     from ldmkit.data.memory import materialize
     from ldmkit.models.text import TextEncoder
+    from ldmkit.pipeline import TextToImagePipeline
+    from ldmkit.report import format_report
     from ldmkit.training.diffusion_trainer import train_diffusion
     from ldmkit.training.vae_trainer import train_vae
     from ldmkit.viz import save_image_grid
@@ -106,23 +127,97 @@ def run_demo(args: argparse.Namespace) -> Path:
         save_image_grid(torch.stack([img for img, _ in preview]), out / "data_preview.png",
                         nrow=8, captions=[c for _, c in preview])
     with watch.stage("vae"):
-        vae_dir = train_vae(cfg, out / "vae", dataset=train_set)
+        vae_run = train_vae(cfg, out / "vae", dataset=train_set)
     with watch.stage("text encoder"):
         text = TextEncoder.from_config(cfg.text)
     with watch.stage("unet"):
-        model_dir = train_diffusion(cfg, vae_dir, out / "diffusion", dataset=train_set,
-                                    text=text, early_fraction=EARLY_FRACTION)
-        shutil.copytree(model_dir, out / "model")
+        unet_run = train_diffusion(cfg, vae_run.model_dir, out / "diffusion", dataset=train_set,
+                                   text=text, snapshot_at=(EARLY_FRACTION,))
+        shutil.copytree(unet_run.model_dir, out / "model")
     with watch.stage("generate and judge"):
-        from ldmkit.report import evaluate_and_illustrate
-
-        results = evaluate_and_illustrate(out, text, tiny=args.tiny)
-    from ldmkit.report import write_report
+        pipe = TextToImagePipeline.from_pretrained(out / "model", text_encoder=text)
+        showcase(pipe, out)
+        evaluation = evaluate(pipe, unet_run.snapshots, out, tiny=args.tiny)
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     timings = {**watch.times, "total": watch.total, "peak_rss_mb": round(peak_mb),
                "minutes_budget": minutes}
-    write_report(out, cfg, results, timings)
+    command = f"ldmkit demo --out {out}"
+    (out / "report.md").write_text(format_report(cfg, command, vae_run, unet_run, evaluation,
+                                                 timings))
+    write_json_atomic(out / "timings.json", timings)
     print("\n" + "\n".join(f"{k:>20s}: {v}" for k, v in timings.items()))
     print(f"\nreport: {out / 'report.md'}")
     return out
+
+
+@torch.no_grad()
+def showcase(pipe, out: Path) -> None:
+    """prompts x seeds grid, and the progressive denoising of a few prompts."""
+    from ldmkit.sample import sample_with_frames, write_progress
+    from ldmkit.viz import save_image_grid
+
+    setting = {"num_inference_steps": HEADLINE.steps, "guidance_scale": HEADLINE.guidance,
+               "sampler": HEADLINE.sampler}
+    prompts = [p for p in SHOWCASE_PROMPTS for _ in range(SEEDS)]
+    images = pipe.decode(pipe.generate_latents(
+        prompts, generator=torch.Generator().manual_seed(0), **setting))
+    captions = [p if i % SEEDS == 0 else "" for i, p in enumerate(prompts)]
+    save_image_grid(images, out / "prompts_grid.png", nrow=SEEDS, captions=captions)
+    final, frames = sample_with_frames(pipe, PROGRESS_PROMPTS, frames=8,
+                                       generator=torch.Generator().manual_seed(1), **setting)
+    write_progress(frames, final, out, stem="progress")
+
+
+def evaluate(pipe, snapshots: list, out: Path, tiny: bool = False):
+    """Judge the final model (CFG sweep, samplers) and the early snapshot (CFG sweep);
+    write evaluation.json and the fidelity figures."""
+    from ldmkit.diffusion.registry import SAMPLERS, reference_sampler
+    from ldmkit.evaluation import fidelity as fid
+    from ldmkit.viz import plot_fidelity_vs_guidance, plot_fidelity_vs_steps
+
+    evaluator = fid.FidelityEvaluator()
+    n_head, n_other, n_slow = (4, 4, 4) if tiny else (200, 100, 50)
+    timesteps = pipe.schedule.timesteps
+    sweep = fid.guidance_entries(n_head, n_other)
+    final_rows, kept = evaluator.evaluate(pipe, sweep, keep_images=SWEEP_COLUMNS,
+                                          desc="CFG sweep")
+    others = fid.standard_entries(n_head, n_other, timesteps)[len(sweep):]
+    sampler_rows, _ = evaluator.evaluate(pipe, fid.with_n(others, n_slow, 100), desc="samplers")
+    cfg_sweep_grid(kept, evaluator, final_rows, out / "cfg_sweep.png")
+    result = fid.Evaluation(evaluator.judge_accuracy(n=200 if tiny else 1000,
+                                                     image_size=pipe.image_size),
+                            final_rows + sampler_rows)
+    sweeps = [("final", final_rows)]
+    if snapshots:
+        early = snapshots[0]
+        rows, _ = evaluator.evaluate(pipe.with_unet(early.unet), fid.guidance_entries(n_slow),
+                                     desc="early CFG")
+        result.early_checkpoint = fid.SnapshotFidelity(early.step, early.elapsed_s, rows)
+        sweeps.append((f"early (step {early.step})", rows))
+    write_json_atomic(out / "evaluation.json", result.to_json())
+
+    single = [r for r in result.fidelity
+              if r.prompt_set == "single" and r.guidance == HEADLINE.guidance]
+    plot_fidelity_vs_steps(single, out / "fidelity_vs_steps.png", list(SAMPLERS), timesteps,
+                           reference_sampler(), f"fidelity vs steps (w = {HEADLINE.guidance:g})")
+    plot_fidelity_vs_guidance(sweeps, out / "cfg_fidelity.png",
+                              f"what guidance buys ({headline_setting()})")
+    return result
+
+
+def cfg_sweep_grid(kept: dict, evaluator, rows: list, path: Path) -> None:
+    """Rows: guidance scales; columns: the same prompts and initial noise."""
+    from ldmkit.evaluation.fidelity import GUIDANCE_SWEEP
+    from ldmkit.viz import save_image_grid
+
+    score = {(r.prompt_set, r.guidance): r.fidelity for r in rows}
+    tiles, captions = [], []
+    for w in GUIDANCE_SWEEP:
+        for prompt_set in ("single", "two"):
+            entry = next(e for e in kept if e.prompt_set == prompt_set and e.guidance == w)
+            images = kept[entry][: SWEEP_COLUMNS // 2]
+            prompts = evaluator.prompts(prompt_set, entry.n)[: len(images)]
+            tiles.append(images)
+            captions += [f"w={w:g} ({score[(prompt_set, w)]:.0%}): {p}" for p in prompts]
+    save_image_grid(torch.cat(tiles), path, nrow=SWEEP_COLUMNS, captions=captions)

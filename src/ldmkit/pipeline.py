@@ -19,7 +19,8 @@ from PIL import Image
 
 from ldmkit import __version__
 from ldmkit.diffusion.guidance import CFGDenoiser
-from ldmkit.diffusion.samplers import SAMPLERS, run_sampler
+from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
+from ldmkit.diffusion.samplers import run_sampler
 from ldmkit.diffusion.schedule import PREDICTIONS, NoiseSchedule
 from ldmkit.errors import UserError
 from ldmkit.io import read_json, write_json_atomic
@@ -58,6 +59,13 @@ class TextToImagePipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def with_unet(self, unet: UNet) -> TextToImagePipeline:
+        """The same pipeline around other U-Net weights (e.g. a training snapshot), moved
+        to this pipeline's device and put through the constructor's fit checks again."""
+        return TextToImagePipeline(self.vae, unet.to(self.device), self.text_encoder,
+                                   self.schedule, self.prediction, self.x0_clamp,
+                                   self.image_size)
+
     def to(self, device: str | torch.device) -> TextToImagePipeline:
         for part in (self.vae, self.unet, self.text_encoder):
             part.to(device)
@@ -72,15 +80,15 @@ class TextToImagePipeline:
     def denoiser(self, cond: TextEmbeddings, uncond: TextEmbeddings, guidance_scale: float,
                  guidance_rescale: float = 0.0, two_pass: bool = False) -> CFGDenoiser:
         device = self.device
-        return CFGDenoiser(self.unet, self.schedule, self.prediction,
-                           (cond.tokens.to(device), cond.mask.to(device)),
-                           (uncond.tokens.to(device), uncond.mask.to(device)),
-                           guidance_scale, guidance_rescale, self.x0_clamp, two_pass)
+        return CFGDenoiser(self.unet, self.schedule, self.prediction, cond.to(device),
+                           uncond.to(device), guidance_scale, guidance_rescale, self.x0_clamp,
+                           two_pass)
 
     @torch.no_grad()
     def generate_latents(self, prompts: Sequence[str], negative_prompt: str | None = None,
-                         num_inference_steps: int = 25, guidance_scale: float = 5.0,
-                         sampler: str = "dpmpp-2m", generator: torch.Generator | None = None,
+                         num_inference_steps: int = HEADLINE.steps,
+                         guidance_scale: float = HEADLINE.guidance,
+                         sampler: str = HEADLINE.sampler, generator: torch.Generator | None = None,
                          callback: StepCallback | None = None, eta: float = 0.0,
                          guidance_rescale: float = 0.0, two_pass: bool = False,
                          bf16: bool = False) -> torch.Tensor:
@@ -108,8 +116,9 @@ class TextToImagePipeline:
         return self.vae.decode_latents(latents.to(self.device)).clamp(-1, 1).float().cpu()
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | None = None,
-                 num_inference_steps: int = 25, guidance_scale: float = 5.0,
-                 sampler: str = "dpmpp-2m", generator: torch.Generator | None = None,
+                 num_inference_steps: int = HEADLINE.steps,
+                 guidance_scale: float = HEADLINE.guidance, sampler: str = HEADLINE.sampler,
+                 generator: torch.Generator | None = None,
                  callback: StepCallback | None = None, num_images_per_prompt: int = 1,
                  eta: float = 0.0, guidance_rescale: float = 0.0) -> list[Image.Image]:
         """PIL images, `num_images_per_prompt` per prompt; deterministic for a generator.

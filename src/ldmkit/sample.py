@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ldmkit.diffusion.registry import HEADLINE
 from ldmkit.errors import UserError
 from ldmkit.pipeline import TextToImagePipeline
 from ldmkit.viz import save_gif, save_image, save_image_grid, save_strip, to_pil
@@ -30,7 +31,7 @@ class FrameRecorder:
 def sample_with_frames(pipe: TextToImagePipeline, prompts: list[str], frames: int = 8,
                        **kwargs) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
     """Images in [-1, 1] plus decoded (t, images) frames of the x0 estimate along the way."""
-    recorder = FrameRecorder(kwargs.get("num_inference_steps", 25), frames)
+    recorder = FrameRecorder(kwargs.get("num_inference_steps", HEADLINE.steps), frames)
     latents = pipe.generate_latents(prompts, callback=recorder, **kwargs)
     decoded = [(t, pipe.decode(x0)) for t, x0 in recorder.frames]
     return pipe.decode(latents), decoded

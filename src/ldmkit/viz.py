@@ -211,11 +211,7 @@ def plot_metrics(metrics_jsonl: str | Path, keys: Sequence[str], out_png: str | 
     smooth: moving-average window in logged points; 0 picks about 1/25 of the run, 1 = raw only.
     A log axis is used only where every value is positive.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = read_metrics(metrics_jsonl)
     series = {k: _series(rows, k) for k in keys}
     series = {k: v for k, v in series.items() if len(v[0])}
@@ -237,10 +233,67 @@ def plot_metrics(metrics_jsonl: str | Path, keys: Sequence[str], out_png: str | 
         ax.legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("step")
     axes[0, 0].set_title(title)
+    _save_figure(fig, out_png)
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (imported late: it is slow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
-        out = Path(out_png)
+        out = Path(path)
         atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix.lstrip(".") or "png",
                                                   dpi=110))
     finally:
         plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- fidelity plots
+# Rows are evaluation rows (ldmkit.evaluation.fidelity.FidelityRow): anything with
+# prompt_set, sampler, steps, guidance and fidelity attributes.
+
+
+def plot_fidelity_vs_steps(rows: Sequence, out_png: str | Path, samplers: Sequence[str],
+                           full_steps: int, reference: str, title: str) -> None:
+    """One line per sampler over its step counts; the reference sampler at the full T
+    (`full_steps`) as a dashed line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for sampler in samplers:
+        pts = sorted((r.steps, r.fidelity) for r in rows
+                     if r.sampler == sampler and r.steps < full_steps)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=sampler)
+    full = [r for r in rows if r.sampler == reference and r.steps == full_steps]
+    if full:
+        ax.axhline(full[0].fidelity, color="grey", ls="--",
+                   label=f"{reference}, full T={full_steps}")
+    ax.set(xscale="log", xlabel="sampling steps", ylabel="prompt fidelity (single objects)",
+           title=title, ylim=(0, 1.02))
+    ax.legend()
+    _save_figure(fig, out_png)
+
+
+def plot_fidelity_vs_guidance(sweeps: Sequence[tuple[str, Sequence]], out_png: str | Path,
+                              title: str) -> None:
+    """Fidelity against the guidance scale, a line per prompt set; one line style per
+    (label, rows) sweep, e.g. the final model solid and an early snapshot dotted."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (label, rows), style in zip(sweeps, ("-", ":", "--", "-.")):
+        for i, prompt_set in enumerate(dict.fromkeys(r.prompt_set for r in rows)):
+            pts = sorted((r.guidance, r.fidelity) for r in rows if r.prompt_set == prompt_set)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
+                    color=f"C{i}", label=f"{prompt_set}, {label}")
+    ax.set(xlabel="guidance scale w", ylabel="prompt fidelity", ylim=(0, 1.02), title=title)
+    ax.legend(fontsize=7)
+    _save_figure(fig, out_png)

@@ -42,9 +42,7 @@ def _check_generated(dataset, i: int) -> dict | None:
 
 
 def cli_check(args: argparse.Namespace) -> int:
-    from ldmkit.cli import config_from_args
-
-    cfg = config_from_args(args).data
+    cfg = args.cfg.data
     report = {"dataset": cfg.dataset, "root": cfg.root, "split": cfg.split,
               **check_dataset(build_source(cfg), desc=f"checking {cfg.dataset}")}
     if args.json:
@@ -62,10 +60,9 @@ def cli_check(args: argparse.Namespace) -> int:
 
 
 def cli_preview(args: argparse.Namespace) -> int:
-    from ldmkit.cli import config_from_args
     from ldmkit.viz import save_image_grid
 
-    cfg = config_from_args(args).data
+    cfg = args.cfg.data
     if args.n < 1:
         raise UserError(f"--n {args.n}: need at least one image")
     dataset = build_dataset(cfg, "train")

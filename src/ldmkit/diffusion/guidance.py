@@ -9,12 +9,10 @@ A negative prompt is just a different `uncond`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.diffusion.schedule import NoiseSchedule
-
-Condition = tuple[torch.Tensor, torch.Tensor]  # (tokens (B|1, L, D), mask (B|1, L) bool)
+from ldmkit.models.text import TextEmbeddings
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
@@ -28,28 +26,19 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> to
     return phi * guided * ratio + (1.0 - phi) * guided
 
 
-def _pad_tokens(cond: Condition, length: int) -> Condition:
-    """Pad tokens with zeros and the mask with False up to `length` (masked: no effect)."""
-    tokens, mask = cond
-    extra = length - tokens.shape[1]
-    if extra == 0:
-        return tokens, mask.bool()
-    return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask.bool(), (0, extra), value=False)
-
-
-def _expand(cond: Condition, batch: int, device: torch.device) -> Condition:
-    """Condition on `device` with `batch` rows (a batch-1 condition is broadcast)."""
-    tokens, mask = cond[0].to(device), cond[1].to(device)  # no-ops when already there
-    if tokens.shape[0] == batch:
-        return tokens, mask
-    if tokens.shape[0] != 1:
-        raise ValueError(f"condition batch {tokens.shape[0]} is neither 1 nor the latent "
-                         f"batch {batch}")
-    return tokens.expand(batch, -1, -1), mask.expand(batch, -1)
+def _run(model: nn.Module, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings
+         ) -> torch.Tensor:
+    """The one place the conditioning is unpacked. The network's boundary stays plain
+    tensors: torch.compile and DDP handle tensor arguments without special cases, and
+    bench_unet swaps in diffusers' U-Net behind the same (x, t, tokens, mask) call."""
+    return model(x, t, text.tokens, text.mask)
 
 
 class CFGDenoiser:
     """`denoiser(x_t, t) -> (x0, eps)` that runs `model(x, t, tokens, mask)` with guidance.
+
+    cond and uncond are TextEmbeddings of batch 1 (broadcast) or the latent batch; the
+    shorter is padded (masked out) to the other's token length so both fit one batch.
 
     guidance_scale w: 1 = conditional only (the unconditional pass is skipped), 0 =
     unconditional only; otherwise one model call over the batch [uncond; cond], or two
@@ -59,41 +48,41 @@ class CFGDenoiser:
     """
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, prediction: str,
-                 cond: Condition, uncond: Condition, guidance_scale: float,
+                 cond: TextEmbeddings, uncond: TextEmbeddings, guidance_scale: float,
                  guidance_rescale: float = 0.0, x0_clamp: float = 0.0, two_pass: bool = False):
-        length = max(cond[0].shape[1], uncond[0].shape[1])
+        length = max(cond.tokens.shape[1], uncond.tokens.shape[1])
         self.model = model
         self.schedule = schedule
         self.prediction = prediction
-        self.cond = _pad_tokens(cond, length)
-        self.uncond = _pad_tokens(uncond, length)
+        self.cond = cond.pad_to(length)
+        self.uncond = uncond.pad_to(length)
         self.guidance_scale = float(guidance_scale)
         self.guidance_rescale = float(guidance_rescale)
         self.x0_clamp = float(x0_clamp)
         self.two_pass = two_pass
-        self._joint: tuple[tuple, Condition] | None = None  # cached [uncond; cond]
+        self._joint: tuple[tuple, TextEmbeddings] | None = None  # cached [uncond; cond]
 
-    def _joint_condition(self, batch: int, device: torch.device) -> Condition:
+    def _joint_condition(self, batch: int, device: torch.device) -> TextEmbeddings:
         """The concatenated [uncond; cond] context, built once per batch size and device."""
         key = (batch, str(device))
         if self._joint is None or self._joint[0] != key:
-            (tu, mu), (tc, mc) = (_expand(c, batch, device) for c in (self.uncond, self.cond))
-            self._joint = (key, (torch.cat([tu, tc]), torch.cat([mu, mc])))
+            halves = [c.to(device).expand(batch) for c in (self.uncond, self.cond)]
+            self._joint = (key, TextEmbeddings.cat(halves))
         return self._joint[1]
 
     def model_output(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The guided network output, in the network's parameterisation."""
         batch, device, w = x_t.shape[0], x_t.device, self.guidance_scale
         if w == 1.0 or w == 0.0:  # a single half suffices
-            tokens, mask = _expand(self.cond if w == 1.0 else self.uncond, batch, device)
-            return self.model(x_t, t, tokens, mask).to(x_t.dtype)
+            text = (self.cond if w == 1.0 else self.uncond).to(device).expand(batch)
+            return _run(self.model, x_t, t, text).to(x_t.dtype)
         if self.two_pass:
-            out_u = self.model(x_t, t, *_expand(self.uncond, batch, device))
-            out_c = self.model(x_t, t, *_expand(self.cond, batch, device))
+            out_u = _run(self.model, x_t, t, self.uncond.to(device).expand(batch))
+            out_c = _run(self.model, x_t, t, self.cond.to(device).expand(batch))
         else:
-            tokens, mask = self._joint_condition(batch, device)
-            out_u, out_c = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), tokens,
-                                      mask).chunk(2)
+            joint = self._joint_condition(batch, device)
+            out_u, out_c = _run(self.model, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                joint).chunk(2)
         # mix in x_t's precision: an autocast model may hand back bf16
         out_u, out_c = out_u.to(x_t.dtype), out_c.to(x_t.dtype)
         guided = out_u + w * (out_c - out_u)

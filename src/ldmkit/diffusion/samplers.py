@@ -4,6 +4,10 @@ A denoiser is `denoiser(x_t, t) -> (x0_hat, eps_hat)` with t a LongTensor (B,) o
 steps; guidance, clamping and the network's parameterisation all live inside it
 (see guidance.CFGDenoiser), so each sampler is only its update rule.
 
+Every sampler has the same signature `(denoiser, x, schedule, steps, eta, generator,
+callback)`, x being the initial noise x_T, and is named in the registry's table
+(ldmkit.diffusion.registry), through which `run_sampler` finds it by name.
+
 Every sampler walks the timesteps of `timesteps_for(schedule, steps)` and after the last
 one jumps to clean data (alpha_bar = 1): its final output is the last x0 estimate.
 `callback(step_index, t, x_t, x0_hat)` is called once per step with the state the step
@@ -17,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from ldmkit.diffusion.registry import SAMPLERS
 from ldmkit.diffusion.schedule import NoiseSchedule, posterior_coefficients
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -56,14 +61,14 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 @torch.no_grad()
-def sample_ddpm(denoiser: Denoiser, x_T: torch.Tensor, schedule: NoiseSchedule, steps: int,
-                generator: torch.Generator | None = None,
+def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int,
+                eta: float = 0.0, generator: torch.Generator | None = None,
                 callback: Callback | None = None) -> torch.Tensor:
     """Ancestral sampling, Ho et al. 2020 (DDPM), Algorithm 2 with sigma_t^2 = beta~_t.
     Each step draws from the posterior q(x_s | x_t, x0_hat) between consecutive timesteps
     of the (possibly strided) subsequence, so with steps = T it is the paper's sampler and
-    with fewer steps it is the posterior of the jump t -> s (= DDIM with eta = 1)."""
-    x = x_T
+    with fewer steps it is the posterior of the jump t -> s (= DDIM with eta = 1).
+    `eta` is ignored: DDPM is ancestral by definition (use DDIM for other etas)."""
     for i, (t, s) in enumerate(_step_pairs(schedule, steps)):
         x0, _ = _denoise(denoiser, x, t)
         if callback is not None:
@@ -80,13 +85,12 @@ def sample_ddpm(denoiser: Denoiser, x_T: torch.Tensor, schedule: NoiseSchedule, 
 
 
 @torch.no_grad()
-def sample_ddim(denoiser: Denoiser, x_T: torch.Tensor, schedule: NoiseSchedule, steps: int,
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int,
                 eta: float = 0.0, generator: torch.Generator | None = None,
                 callback: Callback | None = None) -> torch.Tensor:
     """Song, Meng & Ermon 2021 (DDIM), eq. 12: x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2)
     eps + sigma z, sigma = eta sqrt((1 - ab_s)/(1 - ab_t)) sqrt(1 - ab_t/ab_s).
     eta = 0 is the deterministic sampler, eta = 1 the ancestral one."""
-    x = x_T
     for i, (t, s) in enumerate(_step_pairs(schedule, steps)):
         x0, eps = _denoise(denoiser, x, t)
         if callback is not None:
@@ -113,15 +117,16 @@ def _alpha_sigma_lambda(ab: float) -> tuple[float, float, float]:
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser: Denoiser, x_T: torch.Tensor, schedule: NoiseSchedule, steps: int,
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int,
+                    eta: float = 0.0, generator: torch.Generator | None = None,
                     callback: Callback | None = None) -> torch.Tensor:
     """Lu et al. 2022 (DPM-Solver++), Algorithm 2: the second-order multistep solver of the
     diffusion ODE in data (x0) prediction. With h = lambda_s - lambda_t:
         x_s = (sigma_s/sigma_t) x_t - alpha_s (e^{-h} - 1) D,
     D = x0_t (first order, used at the first step) or x0_t + (x0_t - x0_prev) / (2 r) with
     r = h_prev / h (second order). As in diffusers' DPMSolverMultistepScheduler with its
-    default final sigma of zero, the last step is first order, so it returns x0_hat."""
-    x = x_T
+    default final sigma of zero, the last step is first order, so it returns x0_hat.
+    `eta` and `generator` are ignored: the solver is deterministic."""
     pairs = _step_pairs(schedule, steps)
     prev: tuple[torch.Tensor, float] | None = None  # (x0 at the previous step, its h)
     for i, (t, s) in enumerate(pairs):
@@ -142,23 +147,12 @@ def sample_dpmpp_2m(denoiser: Denoiser, x_T: torch.Tensor, schedule: NoiseSchedu
 # ----------------------------------------------------------------------------- dispatch
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "dpmpp-2m": sample_dpmpp_2m,
-}
-
-
-def run_sampler(name: str, denoiser: Denoiser, x_T: torch.Tensor, schedule: NoiseSchedule,
+def run_sampler(name: str, denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule,
                 steps: int, eta: float = 0.0, generator: torch.Generator | None = None,
                 callback: Callback | None = None) -> torch.Tensor:
-    """Run the sampler called `name` (a key of SAMPLERS), passing only what it takes:
-    eta goes to DDIM, the generator to the stochastic samplers."""
+    """Run the sampler called `name`, a key of the registry's SAMPLERS table."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}")
-    if name == "ddpm":
-        return sample_ddpm(denoiser, x_T, schedule, steps, generator=generator, callback=callback)
-    if name == "ddim":
-        return sample_ddim(denoiser, x_T, schedule, steps, eta=eta, generator=generator,
-                           callback=callback)
-    return sample_dpmpp_2m(denoiser, x_T, schedule, steps, callback=callback)
+    sampler = globals()[SAMPLERS[name].function]
+    return sampler(denoiser, x, schedule, steps, eta=eta, generator=generator,
+                   callback=callback)

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ldmkit.diffusion.registry import HEADLINE, SAMPLERS, reference_sampler
 from ldmkit.io import write_json_atomic
 
 PROMPT_SETS = ("single", "two", "heldout")
-GUIDANCE_SWEEP = (1.0, 3.0, 5.0, 7.5)
-HEADLINE_GUIDANCE = 5.0
+GUIDANCE_SWEEP = (1.0, 3.0, HEADLINE.guidance, 7.5)
 PROMPT_POOL = 400
 SAMPLER_STEPS = (10, 20, 50)
 PROMPT_SEED = 20261125  # fresh prompts: not the training validation prompts
@@ -25,33 +25,87 @@ NOISE_SEED = 7
 
 @dataclass(frozen=True)
 class Entry:
+    """One setting to evaluate: n images of a prompt set, one sampler, steps, guidance."""
+
     prompt_set: str
     sampler: str
     steps: int
     guidance: float
     n: int
 
+    def at(self, sampler: str, steps: int, guidance: float) -> bool:
+        return (self.sampler, self.steps, self.guidance) == (sampler, steps, guidance)
+
+    @property
+    def is_headline(self) -> bool:
+        return self.at(HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance)
+
+    @property
+    def in_guidance_sweep(self) -> bool:
+        """The headline sampler and steps, at any guidance."""
+        return self.at(HEADLINE.sampler, HEADLINE.steps, self.guidance)
+
+
+@dataclass(frozen=True)
+class FidelityRow(Entry):
+    """An evaluated entry: the fraction of its images the judge found faithful."""
+
+    fidelity: float
+    seconds: float
+
+
+@dataclass
+class SnapshotFidelity:
+    """The guidance sweep of a U-Net snapshot taken part-way through training."""
+
+    step: int
+    elapsed_s: float
+    fidelity: list[FidelityRow]
+
+
+@dataclass
+class Evaluation:
+    """What evaluation.json holds."""
+
+    judge_accuracy: dict[str, float]
+    fidelity: list[FidelityRow]
+    early_checkpoint: SnapshotFidelity | None = None
+    extra: dict = field(default_factory=dict)
+
+    def headline(self) -> dict[str, float]:
+        """Fidelity per prompt set at the headline setting."""
+        return {r.prompt_set: r.fidelity for r in self.fidelity if r.is_headline}
+
+    def to_json(self) -> dict:
+        result = {"judge_accuracy": self.judge_accuracy,
+                  "fidelity": [asdict(r) for r in self.fidelity]}
+        if self.early_checkpoint is not None:
+            result["early_checkpoint"] = asdict(self.early_checkpoint)
+        return {**result, **self.extra}
+
 
 def guidance_entries(n: int, n_other: int | None = None) -> list[Entry]:
-    """The CFG sweep: every prompt set at w = 1 (no guidance), 3, 5, 7.5, DPM-Solver++ 20;
-    n images for the headline w = 5, n_other (default n) for the other scales."""
-    return [Entry(s, "dpmpp-2m", 20, w, n if w == HEADLINE_GUIDANCE else (n_other or n))
+    """The CFG sweep: every prompt set at w = 1 (no guidance), 3, 5, 7.5 with the headline
+    sampler and steps; n images for the headline w, n_other (default n) for the others."""
+    return [Entry(s, HEADLINE.sampler, HEADLINE.steps, w,
+                  n if w == HEADLINE.guidance else (n_other or n))
             for s in PROMPT_SETS for w in GUIDANCE_SWEEP]
 
 
 def sampler_entries(n: int, timesteps: int, prompt_set: str = "single") -> list[Entry]:
-    """Each sampler at 10, 20, 50 steps, and DDPM at the full T (the seed's sampler), w = 5."""
-    rows = [Entry(prompt_set, s, k, 5.0, n) for s in ("ddpm", "ddim", "dpmpp-2m")
-            for k in SAMPLER_STEPS if k <= timesteps]
-    return rows + [Entry(prompt_set, "ddpm", timesteps, 5.0, n)]
+    """Each sampler at 10, 20, 50 steps, and the reference sampler at the full T (the
+    seed's sampler), at the headline guidance."""
+    w = HEADLINE.guidance
+    rows = [Entry(prompt_set, s, k, w, n) for s in SAMPLERS for k in SAMPLER_STEPS
+            if k <= timesteps]
+    return rows + [Entry(prompt_set, reference_sampler(), timesteps, w, n)]
 
 
 def standard_entries(n_head: int, n_other: int, timesteps: int) -> list[Entry]:
     """The CFG sweep (n_head images each) then the sampler rows (n_other each) that the
-    sweep does not already hold (its DPM-Solver++ 20-step w = 5 row)."""
+    sweep does not already hold (its headline row)."""
     sweep = guidance_entries(n_head, n_other)
-    return sweep + [e for e in sampler_entries(n_other, timesteps)
-                    if not (e.sampler == "dpmpp-2m" and e.steps == 20)]
+    return sweep + [e for e in sampler_entries(n_other, timesteps) if not e.is_headline]
 
 
 class FidelityEvaluator:
@@ -100,15 +154,16 @@ class FidelityEvaluator:
         return float(fidelity(judge_images(self.judge, images), prompts))
 
     def evaluate(self, pipe, entries: list[Entry], keep_images: int = 0,
-                 desc: str = "fidelity") -> tuple[list[dict], dict[Entry, torch.Tensor]]:
-        """One result row per entry (the evaluation.json shape) and, if asked, the first
-        `keep_images` images of each entry for figures."""
+                 desc: str = "fidelity") -> tuple[list[FidelityRow], dict[Entry, torch.Tensor]]:
+        """One result row per entry and, if asked, the first `keep_images` images of each
+        entry for figures."""
         rows, kept = [], {}
         for entry in tqdm(entries, desc=desc, dynamic_ncols=True):
             start = time.monotonic()
             images = self.images(pipe, entry)
-            rows.append({**asdict(entry), "fidelity": self.score(images, entry.prompt_set),
-                         "seconds": round(time.monotonic() - start, 2)})
+            rows.append(FidelityRow(**asdict(entry),
+                                    fidelity=self.score(images, entry.prompt_set),
+                                    seconds=round(time.monotonic() - start, 2)))
             if keep_images:
                 kept[entry] = images[:keep_images]
         return rows, kept
@@ -130,12 +185,16 @@ def cli_evaluate(args: argparse.Namespace) -> int:
         standard_entries(n, n, pipe.schedule.timesteps)
     evaluator = FidelityEvaluator()
     rows, _ = evaluator.evaluate(pipe, entries)
-    result = {"judge_accuracy": evaluator.judge_accuracy(image_size=pipe.image_size),
-              "fidelity": rows}
+    result = Evaluation(evaluator.judge_accuracy(image_size=pipe.image_size), rows)
     out = Path(args.out) if args.out else Path(args.model) / "evaluation.json"
-    write_json_atomic(out, result)
+    write_json_atomic(out, result.to_json())
     for row in rows:
-        print(f"{row['prompt_set']:8s} {row['sampler']:9s} steps={row['steps']:4d} "
-              f"w={row['guidance']:<4g} fidelity={row['fidelity']:.3f} (n={row['n']})")
+        print(f"{row.prompt_set:8s} {row.sampler:9s} steps={row.steps:4d} "
+              f"w={row.guidance:<4g} fidelity={row.fidelity:.3f} (n={row.n})")
     print(f"wrote {out}")
     return 0
+
+
+def with_n(entries: list[Entry], n: int, when_steps_over: int) -> list[Entry]:
+    """Fewer images for entries with many steps (full-T DDPM costs 25x a 20-step run)."""
+    return [replace(e, n=n) if e.steps > when_steps_over else e for e in entries]

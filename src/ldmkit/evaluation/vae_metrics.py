@@ -85,15 +85,16 @@ def _finite_mean(values: torch.Tensor) -> float:
 
 
 def cli_evaluate_vae(args: argparse.Namespace) -> int:
-    from ldmkit.cli import config_from_args
+    from ldmkit.config import override_config
     from ldmkit.data import build_dataset
     from ldmkit.models.vae import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(args.vae)
+    cfg = args.cfg
     # Default to the size the VAE was trained at; an explicit data.image_size=... wins.
-    if vae.image_size:
-        args.overrides = [f"data.image_size={vae.image_size}", *(args.overrides or [])]
-    cfg = config_from_args(args)
+    explicit = any(o.split("=", 1)[0].strip() == "data.image_size" for o in args.overrides)
+    if vae.image_size and not explicit:
+        cfg = override_config(cfg, [f"data.image_size={vae.image_size}"], str(args.vae))
     result = evaluate_vae(vae, build_dataset(cfg.data, "val"))
     result.update(vae=str(args.vae), dataset=cfg.data.dataset, image_size=cfg.data.image_size)
     out = Path(args.out) if args.out else Path(args.vae) / "evaluation.json"

@@ -1,5 +1,6 @@
 """The building blocks shared by the VAE and the U-Net: one ResBlock, one attention,
-one timestep embedding, one down/upsampler. Each is used by both models."""
+one timestep embedding, one down/upsampler. Each is used by both models. Also the one
+masked mean over text tokens, shared by the U-Net and the text encoder's pooling."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups when the width allows it (as in LDM), fewer for tiny widths."""
     groups = math.gcd(32, channels)
     return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens only (mask True), sentence-transformers' mean pooling: the
+    U-Net's pooled text vector and the BERT-family encoders' pooled output."""
+    weights = mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldmkit.errors import UserError
+from ldmkit.models.layers import masked_mean
 
 PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -89,8 +90,20 @@ class TextEmbeddings:
     def expand(self, batch_size: int) -> TextEmbeddings:
         """Broadcast a batch of one (e.g. `null()`) to `batch_size` rows without copying."""
         if len(self) not in (1, batch_size):
-            raise ValueError(f"cannot expand a batch of {len(self)} to {batch_size}")
+            raise ValueError(f"cannot expand a batch of {len(self)} to {batch_size}: "
+                             "only a batch of 1 broadcasts")
         return self._map(lambda x: x.expand(batch_size, *x.shape[1:]))
+
+    def pad_to(self, length: int) -> TextEmbeddings:
+        """Pad to `length` tokens: zero tokens, mask False (masked out, so no effect on a
+        masked model); pooled unchanged. Lets prompts of two token lengths share a batch."""
+        extra = length - self.tokens.shape[1]
+        if extra < 0:
+            raise ValueError(f"cannot pad {self.tokens.shape[1]} tokens to {length}")
+        if extra == 0:
+            return self
+        return TextEmbeddings(F.pad(self.tokens, (0, 0, 0, extra)),
+                              F.pad(self.mask, (0, extra), value=False), self.pooled)
 
     def where(self, keep: Tensor, other: TextEmbeddings) -> TextEmbeddings:
         """Rows of self where `keep` (B,) is True, else rows of `other` (B rows or 1).
@@ -132,12 +145,6 @@ def check_prompts(prompts: str | Iterable[str]) -> list[str]:
             raise PromptError(f"prompt {i} is {type(prompt).__name__} {prompt!r:.80}, "
                               "not a string")
     return prompts
-
-
-def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
-    """Mean over real tokens only: sentence-transformers' mean pooling."""
-    weights = mask.unsqueeze(-1).to(tokens.dtype)
-    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 # ----------------------------------------------------------------------------- encoder

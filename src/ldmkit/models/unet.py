@@ -25,9 +25,9 @@ from ldmkit.models.layers import (
     ResBlock,
     Upsample,
     group_norm,
+    masked_mean,
     timestep_embedding,
 )
-from ldmkit.models.text import masked_mean
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

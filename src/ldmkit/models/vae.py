@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.config import VAEConfig, config_from_dict
+from ldmkit.config import VAEArchitecture, config_from_dict
 from ldmkit.errors import UserError
 from ldmkit.io import load_state_into, read_json, save_tensors_atomic, write_json_atomic
 from ldmkit.models.layers import Attention, Downsample, ResBlock, Upsample, group_norm
@@ -73,7 +73,7 @@ def vae_loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian,
 # ----------------------------------------------------------------------------- networks
 
 
-def _widths(cfg: VAEConfig) -> list[int]:
+def _widths(cfg: VAEArchitecture) -> list[int]:
     return [cfg.base_channels * m for m in cfg.channel_mult]
 
 
@@ -93,7 +93,7 @@ class _Middle(nn.Module):
 class Encoder(nn.Module):
     """Image (B, 3, H, W) -> posterior parameters (B, 2*latent_channels, H/f, W/f)."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEArchitecture):
         super().__init__()
         widths = _widths(cfg)
         self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
@@ -119,7 +119,7 @@ class Decoder(nn.Module):
     """Latent (B, latent_channels, h, w) -> image (B, 3, h*f, w*f). As in LDM, each level
     has one more ResBlock than the encoder's."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEArchitecture):
         super().__init__()
         widths = _widths(cfg)
         ch = widths[-1]
@@ -148,9 +148,9 @@ class AutoencoderKL(nn.Module):
     """The stage-1 VAE. `image_size` is recorded in the saved config (the size it was
     trained at); the network itself accepts any size divisible by the factor."""
 
-    def __init__(self, cfg: VAEConfig, image_size: int | None = None):
+    def __init__(self, cfg: VAEArchitecture, image_size: int | None = None):
         super().__init__()
-        self.config = dataclasses.replace(cfg, channel_mult=list(cfg.channel_mult))
+        self.config = cfg.architecture()  # a [vae] config's training settings stay behind
         self.image_size = image_size
         self.factor = cfg.downsample_factor
         if len(cfg.channel_mult) != int(math.log2(self.factor)) + 1:
@@ -202,9 +202,10 @@ class AutoencoderKL(nn.Module):
     # ------------------------------------------------------------------ folder format
 
     def save_pretrained(self, directory: str | Path, image_size: int | None = None) -> None:
-        """Write `config.json` (VAEConfig + image_size) and `model.safetensors`, each file
-        atomically (a crash never leaves a torn file). Weights go first: a crash between
-        the two leaves the old config, whose shapes `from_pretrained` checks."""
+        """Write `config.json` (the architecture + image_size, no training settings) and
+        `model.safetensors`, each file atomically (a crash never leaves a torn file).
+        Weights go first: a crash between the two leaves the old config, whose shapes
+        `from_pretrained` checks."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_tensors_atomic(directory / WEIGHTS_NAME, self.state_dict())
@@ -222,6 +223,8 @@ class AutoencoderKL(nn.Module):
         if not isinstance(raw, dict):
             raise UserError(f"{directory / CONFIG_NAME}: VAE config must be a JSON object")
         image_size = raw.pop("image_size", None)
+        # Validated as a whole [vae] section: folders written before the split also hold
+        # training settings (steps, lr, ...), which are checked and then left out.
         cfg = config_from_dict({"vae": raw}, str(directory / CONFIG_NAME)).vae
         model = cls(cfg, image_size=image_size)
         load_state_into(model, directory / WEIGHTS_NAME)

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ldmkit.config import Config
 from ldmkit.io import load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from ldmkit.models.text import TextEmbeddings, TextEncoder
 from ldmkit.models.vae import AutoencoderKL
 from ldmkit.training.common import infinite_loader
 from ldmkit.training.text_cache import TextEmbeddingCache
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # latents, tokens, mask
+Batch = tuple[torch.Tensor, TextEmbeddings]  # scaled latents, their captions' embeddings
 KEEP_LATENT_CACHES = 3
 
 
@@ -99,8 +100,7 @@ class CachedBatches:
         self.first = (torch.cumsum(counts, 0) - counts).to(device)
         self.counts = counts.to(device)
         self.caption_row = index.to(device)
-        self.tokens = table.tokens.to(device)
-        self.mask = table.mask.to(device)
+        self.captions = table.to(device)
         self.mean = latents["mean"].to(device)
         self.std = latents["std"].to(device)
         self.scale, self.batch_size, self.device = scale_factor, batch_size, device
@@ -116,7 +116,7 @@ class CachedBatches:
         rows = self.caption_row[self.first[items] + pick]
         mean, std = self.mean[items], self.std[items]
         latents = (mean + std * torch.randn_like(mean)) * self.scale
-        return latents, self.tokens[rows].float(), self.mask[rows]
+        return latents, self.captions[rows].to(torch.float32)
 
 
 class LiveBatches:
@@ -132,5 +132,23 @@ class LiveBatches:
     def next(self) -> Batch:
         images, captions = next(self.loader)
         latents = self.vae.encode_latents(images.to(self.device), sample=True)
-        emb: TextEmbeddings = self.text.encode(list(captions))
-        return latents.float(), emb.tokens.to(self.device), emb.mask.to(self.device)
+        return latents.float(), self.text.encode(list(captions)).to(self.device)
+
+
+def training_batches(cfg: Config, vae: AutoencoderKL, vae_dir: Path, text: TextEncoder,
+                     dataset, out_dir: Path, device: torch.device, step: int
+                     ) -> CachedBatches | LiveBatches:
+    """The batch stream `train_diffusion` reads (and benchmarks/bench_train.py times): from
+    the latent + caption caches (built on first use, in cfg.text.cache_dir or
+    out_dir/cache), or, with train.use_cache = false, encoded live like the seed."""
+    if not cfg.train.use_cache:
+        return LiveBatches(dataset, vae, text, cfg.train.batch_size, cfg.train.seed, step,
+                           device, cfg.data.num_workers)
+    cache_dir = Path(cfg.text.cache_dir) if cfg.text.cache_dir else out_dir / "cache"
+    latents, captions = cached_latents(vae, vae_dir, dataset, cache_dir,
+                                       cfg.to_dict()["data"], device)
+    text_cache = TextEmbeddingCache(cache_dir / "text", text)
+    batches = CachedBatches(latents, captions, text_cache, vae.scale_factor,
+                            cfg.train.batch_size, device)
+    text_cache.save()
+    return batches

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,16 +46,27 @@ GRID_IMAGES = 8  # held-out images shown in the reconstruction grid
 SCALE_SAMPLE = 512  # training images encoded to estimate the latent std
 
 
-def cli_train_vae(args: argparse.Namespace) -> int:
-    from ldmkit.cli import config_from_args
+@dataclass
+class VAERun:
+    """What `train_vae` produced: the model folder and how good the VAE is."""
 
-    model_dir = train_vae(config_from_args(args), Path(args.out), resume=args.resume)
-    print(f"VAE saved to {model_dir}")
+    model_dir: Path
+    steps: int
+    train_seconds: float
+    psnr: float  # held-out, dB
+    ssim: float
+    scale_factor: float
+    skipped_items: int
+
+
+def cli_train_vae(args: argparse.Namespace) -> int:
+    run = train_vae(args.cfg, Path(args.out), resume=args.resume)
+    print(f"VAE saved to {run.model_dir}")
     return 0
 
 
-def train_vae(cfg: Config, out_dir: Path, resume: bool = False, dataset=None) -> Path:
-    """Train (or resume) a VAE run in `out_dir`; returns the saved model folder.
+def train_vae(cfg: Config, out_dir: Path, resume: bool = False, dataset=None) -> VAERun:
+    """Train (or resume) a VAE run in `out_dir` and save the model folder there.
     `dataset` lets a caller (the demo) pass a training set it already built."""
     from ldmkit.data import build_dataset
 
@@ -86,11 +98,10 @@ def train_vae(cfg: Config, out_dir: Path, resume: bool = False, dataset=None) ->
     accelerator.wait_for_everyone()
     # prepare() wrapped forward in autocast; measure and save the plain float32 model
     vae = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    if accelerator.is_main_process:
-        _finish(cfg, vae.eval(), train_set, val_set, out_dir, accelerator.device, step,
-                train_seconds)
+    result = _finish(cfg, vae.eval(), train_set, val_set, out_dir, accelerator.device, step,
+                     train_seconds, write=accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    return out_dir / "model"
+    return result
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -165,34 +176,46 @@ def latent_scale_factor(vae: AutoencoderKL, dataset, n: int = SCALE_SAMPLE,
 
 
 def _finish(cfg: Config, vae: AutoencoderKL, train_set, val_set, out_dir: Path, device,
-            step: int, train_seconds: float) -> None:
+            step: int, train_seconds: float, write: bool) -> VAERun:
+    """Scale factor and held-out quality on every process (each returns the result);
+    only the writing process saves the model, plots and summary."""
     from ldmkit.evaluation.vae_metrics import evaluate_vae
-    from ldmkit.viz import plot_metrics, save_image_grid
 
     scale = cfg.vae.scale_factor or latent_scale_factor(vae, train_set, device=device)
     vae.config = dataclasses.replace(vae.config, scale_factor=scale)
-    model_dir = out_dir / "model"
-    vae.save_pretrained(model_dir, image_size=cfg.data.image_size)
+    quality = evaluate_vae(vae, val_set, n=len(val_set))
+    skipped = int(getattr(train_set, "skipped", 0)) + int(getattr(val_set, "skipped", 0))
+    result = VAERun(out_dir / "model", step, round(train_seconds, 1), quality["psnr"],
+                    quality["ssim"], scale, skipped)
+    if write:
+        vae.save_pretrained(result.model_dir, image_size=cfg.data.image_size)
+        _figures(cfg, vae, val_set, out_dir, device)
+        write_json_atomic(out_dir / "summary.json", {**quality, **_summary(result)})
+        print(f"step {step}: held-out PSNR {quality['psnr']:.2f} dB, SSIM "
+              f"{quality['ssim']:.4f} ({quality['n']} images); latent scale factor "
+              f"{scale:.4f}; training {train_seconds / 60:.2f} min; skipped bad data items: "
+              f"{skipped}")
+    return result
+
+
+def _summary(run: VAERun) -> dict:
+    return {"scale_factor": run.scale_factor, "steps": run.steps,
+            "train_seconds": run.train_seconds, "skipped_items": run.skipped_items}
+
+
+@torch.no_grad()
+def _figures(cfg: Config, vae: AutoencoderKL, val_set, out_dir: Path, device) -> None:
+    """Loss curves, held-out reconstructions and decoded random latents."""
+    from ldmkit.viz import plot_metrics, save_image_grid
 
     metrics = out_dir / "metrics.jsonl"
     plot_metrics(metrics, ["recon"], out_dir / "recon.png",
                  f"reconstruction loss ({cfg.vae.recon_loss})")
     plot_metrics(metrics, ["kl"], out_dir / "kl.png", "KL per image element")
-    with torch.no_grad():
-        originals = torch.stack([val_set[i][0] for i in range(min(GRID_IMAGES, len(val_set)))])
-        recon = vae(originals.to(device), sample_posterior=False)[0].cpu()
-        save_image_grid(torch.cat([originals, recon]), out_dir / "reconstructions.png",
-                        nrow=len(originals))
-        z = torch.randn(16, cfg.vae.latent_channels, *vae.latent_size(cfg.data.image_size),
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
-        save_image_grid(vae.decode_latents(z.to(device)).cpu(), out_dir / "samples.png",
-                        nrow=8)
-
-    quality = evaluate_vae(vae, val_set, n=len(val_set))
-    skipped = int(getattr(train_set, "skipped", 0)) + int(getattr(val_set, "skipped", 0))
-    summary = {**quality, "scale_factor": scale, "steps": step,
-               "train_seconds": round(train_seconds, 1), "skipped_items": skipped}
-    write_json_atomic(out_dir / "summary.json", summary)
-    print(f"step {step}: held-out PSNR {quality['psnr']:.2f} dB, SSIM {quality['ssim']:.4f} "
-          f"({quality['n']} images); latent scale factor {scale:.4f}; "
-          f"training {train_seconds / 60:.2f} min; skipped bad data items: {skipped}")
+    originals = torch.stack([val_set[i][0] for i in range(min(GRID_IMAGES, len(val_set)))])
+    recon = vae(originals.to(device), sample_posterior=False)[0].cpu()
+    save_image_grid(torch.cat([originals, recon]), out_dir / "reconstructions.png",
+                    nrow=len(originals))
+    z = torch.randn(16, cfg.vae.latent_channels, *vae.latent_size(cfg.data.image_size),
+                    generator=torch.Generator().manual_seed(cfg.train.seed))
+    save_image_grid(vae.decode_latents(z.to(device)).cpu(), out_dir / "samples.png", nrow=8)

@@ -1,0 +1,125 @@
+"""The stage-2 training step as a public object: what `train_diffusion` loops over and what
+benchmarks/bench_train.py times.
+
+    step = DiffusionStep(unet, cfg, null=text.null())    # plain PyTorch, cfg's precision
+    loss = step(latents, text_embeddings)                  # one optimiser update
+
+Inside `train_diffusion` the step gets the run's Accelerator, which then owns mixed
+precision, gradient sync and loss scaling. Without one it runs plain PyTorch with bf16
+autocast when asked: that lets a benchmark alternate precisions in one process, which
+Accelerate's process-wide state does not allow.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+
+from ldmkit.config import Config, DiffusionConfig
+from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.models.text import TextEmbeddings
+from ldmkit.training.common import make_lr_schedule, make_optimizer, resolve_mixed_precision
+
+
+def drop_captions(text: TextEmbeddings, null: TextEmbeddings, p_uncond: float) -> TextEmbeddings:
+    """Replace each caption by the null prompt (its tokens and its own mask) with
+    probability p_uncond, so one network also learns the unconditional score (CFG)."""
+    drop = (torch.rand(len(text)) < p_uncond).to(text.tokens.device)
+    return text.where(~drop, null)
+
+
+def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, latents: torch.Tensor,
+                   text: TextEmbeddings, cfg: DiffusionConfig,
+                   autocast: Callable[[], AbstractContextManager]) -> torch.Tensor:
+    """Weighted MSE to the eps or v target at uniformly drawn timesteps. `text` is used
+    as given: caption dropout happens before (see `drop_captions`)."""
+    t = torch.randint(0, schedule.timesteps, (latents.shape[0],)).to(latents.device)
+    noise = torch.randn_like(latents)
+    x_t = schedule.q_sample(latents, t, noise)
+    target = schedule.training_target(latents, noise, t, cfg.prediction)
+    with autocast():
+        out = model(x_t, t, text.tokens, text.mask)
+    per_item = (out.float() - target).pow(2).mean(dim=(1, 2, 3))
+    return (per_item * schedule.loss_weight(t, cfg.prediction, cfg.min_snr_gamma)).mean()
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
+
+
+def ema_decay(step: int, target: float) -> float:
+    """Ramp the EMA decay up from 0 so early weights don't freeze the average (as in
+    many DDPM codebases: min(target, (1 + step) / (10 + step)))."""
+    return min(target, (1.0 + step) / (10.0 + step))
+
+
+class DiffusionStep:
+    """Owns what one update touches: the U-Net, its EMA copy, AdamW, the LR schedule and
+    the noise schedule. `progress(step) -> [0, 1]` drives the LR's cosine when a run is
+    bounded by minutes (see `Budget.progress`); by default it follows cfg.train.steps."""
+
+    def __init__(self, unet: nn.Module, cfg: Config, null: TextEmbeddings, accelerator=None,
+                 progress: Callable[[int], float] | None = None):
+        t = cfg.train
+        self.cfg, self.unet, self.accelerator = cfg, unet, accelerator
+        self.ema = copy.deepcopy(unet).requires_grad_(False).eval()
+        self.schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+        self.optimizer = make_optimizer(unet.parameters(), t.lr, t.weight_decay)
+        self.scheduler = make_lr_schedule(self.optimizer, t.warmup_steps, t.steps, progress)
+        self.model = unet  # what forward runs: the Accelerator's wrapper when there is one
+        if accelerator is not None:
+            self.model, self.optimizer = accelerator.prepare(unet, self.optimizer)
+        self.null = null.to(next(unet.parameters()).device)
+        self.step = 0  # optimiser updates done (set by the trainer on resume)
+        self._bf16 = accelerator is None and _plain_bf16(t.mixed_precision)
+
+    def autocast(self) -> AbstractContextManager:
+        if self.accelerator is not None:
+            return self.accelerator.autocast()
+        device = next(self.unet.parameters()).device
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self._bf16)
+
+    def __call__(self, latents: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
+        """One update: caption dropout, loss, backward, clipping, AdamW, LR schedule, EMA.
+        Returns the loss unread, so the step never waits for the device (no host sync)."""
+        d, t = self.cfg.diffusion, self.cfg.train
+        text = drop_captions(text, self.null, d.p_uncond)
+        loss = diffusion_loss(self.model, self.schedule, latents, text, d, self.autocast)
+        self._backward(loss)
+        if t.grad_clip:
+            self._clip(t.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.unet, ema_decay(self.step, t.ema_decay))
+        self.step += 1
+        return loss
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def _clip(self, max_norm: float) -> None:
+        if self.accelerator is not None:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+
+def _plain_bf16(mixed_precision: str) -> bool:
+    """Precision without an Accelerator: bf16 autocast or none. fp16 needs the loss
+    scaling an Accelerator brings."""
+    mode = resolve_mixed_precision(mixed_precision)
+    if mode == "fp16":
+        raise ValueError("train.mixed_precision = 'fp16' needs an Accelerator (loss scaling); "
+                         "use 'bf16' or 'no' for a plain DiffusionStep")
+    return mode == "bf16"
