@@ -31,7 +31,10 @@ def make_accelerator(mixed_precision: str = "auto", **kwargs: Any):
 
     Accelerate keeps one global state per process and refuses a second Accelerator with a
     different precision; each ldmkit stage picks its own, so the per-stage part of that
-    state is reset (the process group, kept in PartialState, survives)."""
+    state is reset (the process group, kept in PartialState, survives). Accelerate 1.15
+    has no public way to do this: its maintainers point users to the private
+    `_reset_state` (skorch PR #873), and transformers' TrainingArguments calls it too.
+    This is the one place ldmkit touches it."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
