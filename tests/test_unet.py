@@ -23,6 +23,12 @@ def tiny_cfg(**kw) -> UNetConfig:
     return UNetConfig(**{**base, **kw})
 
 
+# How the text reaches the U-Net: cross-attention only; plus its pooled vector; plus
+# trainable token blocks before both.
+TEXT_PATHS = {"cross-attention": {}, "pooled": {"pooled_text": True},
+              "token-blocks": {"pooled_text": True, "text_layers": 2, "text_width": 16}}
+
+
 def inputs(batch=2, size=8, tokens=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 4, size, size, generator=g)
@@ -92,9 +98,9 @@ def test_final_conv_is_zero_initialised_so_the_fresh_net_predicts_zero():
 # ----------------------------------------------------------------------------- conditioning
 
 
-@pytest.mark.parametrize("pooled_text", [False, True])
-def test_masked_padding_tokens_do_not_change_the_output(pooled_text):
-    model = randomize_output(UNet(tiny_cfg(pooled_text=pooled_text), 4, CTX)).eval()
+@pytest.mark.parametrize("text_path", list(TEXT_PATHS))
+def test_masked_padding_tokens_do_not_change_the_output(text_path):
+    model = randomize_output(UNet(tiny_cfg(**TEXT_PATHS[text_path]), 4, CTX)).eval()
     x, t, ctx, mask = inputs()
     garbage = 100 * torch.randn(2, 4, CTX)
     padded_ctx = torch.cat([ctx, garbage], dim=1)
@@ -123,16 +129,16 @@ def test_the_text_changes_the_output():
     assert not torch.allclose(model(x, t, ctx, mask), model(x, t, ctx + 1.0, mask))
 
 
-@pytest.mark.parametrize("pooled_text", [False, True])
-def test_a_caption_with_no_real_token_gives_a_finite_output(pooled_text):
-    model = randomize_output(UNet(tiny_cfg(pooled_text=pooled_text), 4, CTX))
+@pytest.mark.parametrize("text_path", list(TEXT_PATHS))
+def test_a_caption_with_no_real_token_gives_a_finite_output(text_path):
+    model = randomize_output(UNet(tiny_cfg(**TEXT_PATHS[text_path]), 4, CTX))
     x, t, ctx, _ = inputs()
     assert torch.isfinite(model(x, t, ctx, torch.zeros(2, 5, dtype=torch.bool))).all()
 
 
-@pytest.mark.parametrize("pooled_text", [False, True])
-def test_every_parameter_gets_a_nonzero_gradient(pooled_text):
-    model = randomize_output(UNet(tiny_cfg(pooled_text=pooled_text), 4, CTX))
+@pytest.mark.parametrize("text_path", list(TEXT_PATHS))
+def test_every_parameter_gets_a_nonzero_gradient(text_path):
+    model = randomize_output(UNet(tiny_cfg(**TEXT_PATHS[text_path]), 4, CTX))
     x, t, ctx, mask = inputs()
     model(x, t, ctx, mask).square().mean().backward()
     for name, p in model.named_parameters():
@@ -152,9 +158,9 @@ def test_channels_last_model_gives_the_same_output():
 # ----------------------------------------------------------------------------- persistence
 
 
-@pytest.mark.parametrize("pooled_text", [False, True])
-def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, pooled_text):
-    model = randomize_output(UNet(tiny_cfg(dropout=0.1, pooled_text=pooled_text), 4,
+@pytest.mark.parametrize("text_path", list(TEXT_PATHS))
+def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, text_path):
+    model = randomize_output(UNet(tiny_cfg(dropout=0.1, **TEXT_PATHS[text_path]), 4,
                                   CTX)).eval()
     model.save_pretrained(tmp_path / "unet")
     assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == ["config.json",
@@ -165,12 +171,28 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, pooled_text)
     assert torch.equal(loaded(x, t, ctx, mask), model(x, t, ctx, mask))
 
 
-def test_a_folder_saved_before_pooled_text_existed_still_loads(tmp_path):
+def test_a_folder_saved_before_pooled_text_and_token_blocks_existed_still_loads(tmp_path):
     UNet(tiny_cfg(), 4, CTX).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    del cfg["pooled_text"]
+    for key in ("pooled_text", "text_layers", "text_width"):
+        del cfg[key]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert UNet.from_pretrained(tmp_path).text_embed is None
+    loaded = UNet.from_pretrained(tmp_path)
+    assert loaded.text_embed is None and loaded.text_blocks is None
+
+
+def test_token_blocks_let_each_token_see_the_others_but_never_the_padding():
+    from ldmkit.models.unet import TextBlocks
+
+    blocks = TextBlocks(CTX, tiny_cfg(text_layers=1, text_width=16)).eval()
+    _, _, ctx, mask = inputs()
+    out = blocks(ctx, mask)
+    other = ctx.clone()
+    other[0, 3:] += 5.0  # padding of the first caption
+    assert torch.allclose(blocks(other, mask)[0, :3], out[0, :3], atol=1e-6)
+    changed = ctx.clone()
+    changed[1, 4] += 1.0  # a real token of the second caption: the others see it
+    assert not torch.allclose(blocks(changed, mask)[1, 0], out[1, 0])
 
 
 def test_weights_that_do_not_match_the_config_are_refused_naming_the_file(tmp_path):

@@ -101,6 +101,9 @@ class UNetConfig:
     dropout: float = _opt(0.0, lo=0.0, hi=1.0)
     pooled_text: bool = _opt(False, doc="add the masked mean of the text tokens to the "
                                         "time embedding (global conditioning, as Imagen)")
+    text_layers: int = _opt(0, lo=0, doc="trainable transformer blocks over the frozen text "
+                                         "tokens before cross-attention; 0 = none")
+    text_width: int = _opt(256, lo=8, doc="width of those blocks (tokens are projected to it)")
 
 
 @dataclass

@@ -37,9 +37,13 @@ def _table(header: str, rows: dict) -> str:
 def format_report(cfg: Config, command: str, vae: VAERun, unet: DiffusionRun,
                   evaluation: Evaluation, timings: dict) -> str:
     """report.md for one demo run, pictures linked relatively (GitHub renders them)."""
+    stages = {k: v for k, v in timings.items() if k != "machine"}
     parts = [_intro(cfg, command, evaluation), _stage1(vae), _stage2(unet),
              _guidance(evaluation, unet), _samplers(evaluation),
-             "## Time and memory\n\n" + _table("| stage | seconds |", timings)]
+             "## Time and memory\n\n"
+             f"Machine: {timings.get('machine', 'not recorded')}. Budgets are steps, so the "
+             "numbers above are the same on any machine with the same torch build; these "
+             "times are what they cost here.\n\n" + _table("| stage | seconds |", stages)]
     return "\n\n".join(parts) + "\n"
 
 

@@ -1,6 +1,7 @@
 """The building blocks shared by the VAE and the U-Net: one ResBlock, one attention,
 one timestep embedding, one down/upsampler. Each is used by both models. Also the one
-masked mean over text tokens, shared by the U-Net and the text encoder's pooling."""
+masked mean over text tokens, shared by the U-Net and the text encoder's pooling, and the
+token block the U-Net can run over the text before cross-attending to it."""
 
 from __future__ import annotations
 
@@ -80,23 +81,55 @@ class Attention(nn.Module):
         source = tokens if context is None else context
         q, k, v = (self._heads(p(s)) for p, s in
                    ((self.to_q, tokens), (self.to_k, source), (self.to_v, source)))
-        mask = None
-        if context is not None and context_mask is not None:
-            mask = context_mask.bool()[:, None, None, :]  # broadcast over heads and queries
-        if q.device.type == "cpu":
-            # Measured on a 2-core CPU (demo U-Net, batch 128): the CPU flash kernel's
-            # backward made training ~1.3x slower than the plain-matmul ("math") kernel
-            # at these short sequences (64 queries, 24 keys).
-            with sdpa_kernel(SDPBackend.MATH):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, h * w, c)
+        mask = context_mask if context is not None else None
+        out = attend(q, k, v, mask).transpose(1, 2).reshape(b, h * w, c)
         return x + self.to_out(out).transpose(1, 2).reshape(b, c, h, w)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        b, n, c = t.shape
-        return t.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+        return split_heads(t, self.num_heads)
+
+
+def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, N, C) -> (B, heads, N, C / heads)."""
+    b, n, c = t.shape
+    return t.view(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention over (B, heads, N, d); `key_mask` (B, L) bool, True =
+    a real token, keeps padding out of every softmax. The one attention kernel call."""
+    mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
+    if q.device.type == "cpu":
+        # Measured on a 2-core CPU (demo U-Net, batch 128): the CPU flash kernel's
+        # backward made training ~1.3x slower than the plain-matmul ("math") kernel
+        # at these short sequences (64 queries, 24 keys).
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class TokenBlock(nn.Module):
+    """A pre-norm transformer block over text tokens (B, L, C): masked self-attention,
+    then an MLP. Lets the U-Net mix a frozen encoder's tokens, e.g. bind "red" to the
+    "square" it describes, before cross-attending to them."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"width {width} not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(self.norm1(x)).chunk(3, -1))
+        out = attend(q, k, v, mask).transpose(1, 2).reshape(x.shape)
+        x = x + self.proj(out)
+        return x + self.mlp(self.norm2(x))
 
 
 class Downsample(nn.Module):

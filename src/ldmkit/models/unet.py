@@ -23,6 +23,7 @@ from ldmkit.models.layers import (
     Attention,
     Downsample,
     ResBlock,
+    TokenBlock,
     Upsample,
     group_norm,
     masked_mean,
@@ -46,6 +47,23 @@ class AttentionBlock(nn.Module):
         if self.self_attn is not None:
             x = self.self_attn(x)
         return self.cross_attn(x, context, mask)
+
+
+class TextBlocks(nn.Module):
+    """Project the text tokens to `text_width`, then `text_layers` transformer blocks."""
+
+    def __init__(self, context_dim: int, cfg: UNetConfig):
+        super().__init__()
+        self.proj = nn.Linear(context_dim, cfg.text_width)
+        self.blocks = nn.ModuleList(TokenBlock(cfg.text_width, cfg.num_heads)
+                                    for _ in range(cfg.text_layers))
+        self.norm = nn.LayerNorm(cfg.text_width)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.proj(tokens)
+        for block in self.blocks:
+            h = block(h, mask)
+        return self.norm(h)
 
 
 class Stage(nn.Module):
@@ -76,15 +94,19 @@ class UNet(nn.Module):
         time_dim = 4 * cfg.base_channels
         self.time_embed = nn.Sequential(nn.Linear(cfg.base_channels, time_dim), nn.SiLU(),
                                         nn.Linear(time_dim, time_dim))
+        # Optional blocks over the text tokens: a frozen encoder's token for "square" barely
+        # knows which colour the caption gives it; mixing tokens lets the U-Net bind them.
+        self.text_blocks = TextBlocks(context_dim, cfg) if cfg.text_layers else None
+        tokens_dim = cfg.text_width if cfg.text_layers else context_dim
         # Pooled text -> every ResBlock (through the time embedding): a cheap global
         # signal for what the caption says, while cross-attention says where.
-        self.text_embed = nn.Linear(context_dim, time_dim) if cfg.pooled_text else None
+        self.text_embed = nn.Linear(tokens_dim, time_dim) if cfg.pooled_text else None
 
         def attn(level: int | None, ch: int) -> AttentionBlock | None:
             # level None = the middle, which always cross-attends
             if level is not None and level not in cfg.cross_attn_levels:
                 return None
-            return AttentionBlock(ch, cfg.num_heads, context_dim, cfg.self_attn)
+            return AttentionBlock(ch, cfg.num_heads, tokens_dim, cfg.self_attn)
 
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList()
@@ -131,6 +153,8 @@ class UNet(nn.Module):
             # instead (computed on device: no host sync).
             mask = mask | ~mask.any(dim=1, keepdim=True)
         temb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
+        if self.text_blocks is not None:
+            context = self.text_blocks(context, mask)
         if self.text_embed is not None:
             pooled = context.mean(1) if mask is None else masked_mean(context, mask)
             temb = temb + self.text_embed(pooled)
@@ -176,7 +200,10 @@ class UNet(nn.Module):
         for key, value in dims.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{path}: {key} = {value!r} must be a positive integer")
-        raw.setdefault("pooled_text", False)  # folders written before the option existed
+        # folders written before these options existed
+        raw.setdefault("pooled_text", False)
+        raw.setdefault("text_layers", 0)
+        raw.setdefault("text_width", UNetConfig.text_width)
         missing = [f.name for f in dataclasses.fields(UNetConfig) if f.name not in raw]
         if missing:
             raise UserError(f"{path}: missing U-Net keys {', '.join(missing)}")
