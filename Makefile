@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean serve
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/ldmkit demo --out runs/demo
+
+# The API and web page over the demo's model (run `make demo` first): http://127.0.0.1:8000/
+serve: install
+	$(VENV)/bin/ldmkit serve --model runs/demo/model
 
 test: install
 	$(PY) -m pytest

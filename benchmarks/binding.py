@@ -74,6 +74,9 @@ def train_shared_vae(seed: int, work: Path):
 
     cfg = load_config(DEMO_CONFIG, [f"train.seed={seed}", f"data.seed={seed}"])
     train_set = materialize(build_dataset(cfg.data, "train"), num_workers=2)
+    model_dir = work / f"vae-{seed}" / "model"
+    if (model_dir / "model.safetensors").is_file():  # a rerun into the same --work
+        return model_dir, train_set
     return train_vae(cfg, work / f"vae-{seed}", dataset=train_set).model_dir, train_set
 
 

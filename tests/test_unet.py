@@ -40,9 +40,12 @@ def inputs(batch=2, size=8, tokens=5, seed=0):
 
 
 def randomize_output(model: UNet) -> UNet:
-    """Undo the zero-init of the last conv so outputs (and upstream gradients) are nonzero."""
+    """Undo the zero-inits (the last conv, the token blocks' up-projection) so outputs and
+    upstream gradients are nonzero."""
     torch.manual_seed(1)
     torch.nn.init.normal_(model.conv_out.weight, std=0.05)
+    if model.text_blocks is not None:
+        torch.nn.init.normal_(model.text_blocks.up.weight, std=0.05)
     return model
 
 
@@ -186,6 +189,8 @@ def test_token_blocks_let_each_token_see_the_others_but_never_the_padding():
 
     blocks = TextBlocks(CTX, tiny_cfg(text_layers=1, text_width=16)).eval()
     _, _, ctx, mask = inputs()
+    assert torch.equal(blocks(ctx, mask), ctx)  # zero-initialised: starts as the identity
+    torch.nn.init.normal_(blocks.up.weight, std=0.1)
     out = blocks(ctx, mask)
     other = ctx.clone()
     other[0, 3:] += 5.0  # padding of the first caption

@@ -26,6 +26,13 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = False,
     p.set_defaults(resolve_config=resolve)
 
 
+def _add_device_arg(p: argparse.ArgumentParser, what: str = "the model") -> None:
+    # same words as ldmkit.devices.DEVICE_HELP, repeated here so --help needs no torch
+    p.add_argument("--device", default="auto",
+                   help=f"where {what} runs: auto (the GPU when there is one, else the CPU), "
+                        "cpu, cuda or cuda:N (default %(default)s)")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     """Shortcut flags for the data section; they become data.* overrides."""
     p.add_argument("--dataset", choices=("shapes", "coco", "folder"))
@@ -44,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=None, help="training budget (both stages)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (CI)")
+    _add_device_arg(p, "generation and judging (training follows Accelerate)")
     _add_config_args(p, resolve=False)  # the demo layers its own defaults (demo_config)
     p.set_defaults(handler="ldmkit.demo:cli_demo")
 
@@ -87,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=True)
     p.set_defaults(handler="ldmkit.training.diffusion_trainer:cli_train")
 
+    p = sub.add_parser("cache", help="encode the dataset's latents and captions once, in "
+                                     "shards (several processes share the work)")
+    p.add_argument("--vae", required=True, help="trained VAE folder")
+    p.add_argument("--out", default=None, help="cache folder (default: text.cache_dir, else "
+                                               "runs/diffusion/cache, where train looks)")
+    _add_config_args(p, required=True)
+    p.set_defaults(handler="ldmkit.training.latent_cache:cli_cache")
+
     p = sub.add_parser("sample", help="generate images from a prompt")
     p.add_argument("--model", required=True, help="model folder (see README: model directory)")
     p.add_argument("--prompt", required=True)
@@ -102,13 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--progress", action="store_true", help="also write denoising frames")
+    _add_device_arg(p)
     p.set_defaults(handler="ldmkit.sample:cli_sample")
+
+    p = sub.add_parser("serve", help="HTTP API and web page over a model (FastAPI + uvicorn)")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _add_device_arg(p)
+    p.add_argument("--queue-size", type=int, default=64,
+                   help="requests waiting at most; more get 503 (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="images per U-Net batch; 1 = no batching (default %(default)s)")
+    p.add_argument("--log-level", default="info", choices=("warning", "info", "debug"))
+    p.set_defaults(handler="ldmkit.server.app:cli_serve")
 
     p = sub.add_parser("evaluate", help="judge prompt fidelity of a model on the shapes data")
     p.add_argument("--model", required=True)
     p.add_argument("--out", default=None, help="JSON file (default: <model>/evaluation.json)")
     p.add_argument("--n", type=int, default=200, help="images per headline entry")
     p.add_argument("--quick", action="store_true", help="fewer entries, fewer images")
+    _add_device_arg(p, "generation (the judge runs on the CPU)")
     p.set_defaults(handler="ldmkit.evaluation.fidelity:cli_evaluate")
     return parser
 

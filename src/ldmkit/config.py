@@ -102,8 +102,8 @@ class UNetConfig:
     pooled_text: bool = _opt(False, doc="add the masked mean of the text tokens to the "
                                         "time embedding (global conditioning, as Imagen)")
     text_layers: int = _opt(0, lo=0, doc="trainable transformer blocks over the frozen text "
-                                         "tokens before cross-attention; 0 = none")
-    text_width: int = _opt(256, lo=8, doc="width of those blocks (tokens are projected to it)")
+                                         "tokens (a residual side path); 0 = none")
+    text_width: int = _opt(256, lo=8, doc="width of those blocks")
 
 
 @dataclass
@@ -118,8 +118,12 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _opt(2000, lo=1)
-    batch_size: int = _opt(128, lo=1)
+    steps: int = _opt(2000, lo=1, doc="optimizer updates (each of grad_accum_steps "
+                                      "micro-batches on every process)")
+    batch_size: int = _opt(128, lo=1, doc="per process and micro-batch: one update sees "
+                                          "batch_size x grad_accum_steps x processes images")
+    grad_accum_steps: int = _opt(1, lo=1, doc="micro-batches whose gradients make one update "
+                                              "(stage 2), for a large batch on a small GPU")
     lr: float = _opt(2e-4, lo=0.0)
     weight_decay: float = _opt(0.0, lo=0.0)
     warmup_steps: int = _opt(100, lo=0)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ldmkit.config import Config, load_config
+from ldmkit.devices import resolve_device
 from ldmkit.diffusion.registry import HEADLINE
 from ldmkit.io import write_json_atomic
 from ldmkit.report import headline_setting
@@ -118,6 +119,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     from ldmkit.viz import save_image_grid
 
     cfg, minutes = demo_config(args)
+    device = resolve_device(getattr(args, "device", "auto"))  # a bad --device fails first
     out = Path(args.out)
     if out.exists():  # a demo run is a fresh start: old checkpoints would be resumed
         shutil.rmtree(out)
@@ -139,7 +141,7 @@ def run_demo(args: argparse.Namespace) -> Path:
                                    text=text, snapshot_at=(EARLY_FRACTION,))
         shutil.copytree(unet_run.model_dir, out / "model")
     with watch.stage("generate and judge"):
-        pipe = TextToImagePipeline.from_pretrained(out / "model", text_encoder=text)
+        pipe = TextToImagePipeline.from_pretrained(out / "model", device, text_encoder=text)
         showcase(pipe, out)
         evaluation = evaluate(pipe, unet_run.snapshots, out, tiny=args.tiny)
 

@@ -18,15 +18,27 @@ import torch
 from PIL import Image
 
 from ldmkit import __version__
+from ldmkit.devices import resolve_device
 from ldmkit.diffusion.guidance import CFGDenoiser
-from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
+from ldmkit.diffusion.registry import HEADLINE
 from ldmkit.diffusion.samplers import run_sampler
 from ldmkit.diffusion.schedule import PREDICTIONS, NoiseSchedule
 from ldmkit.errors import UserError
 from ldmkit.io import read_json, write_json_atomic
-from ldmkit.models.text import TextEmbeddings, TextEncoder
+from ldmkit.models.text import TextEmbeddings, TextEncoder, check_prompts
 from ldmkit.models.unet import UNet
 from ldmkit.models.vae import AutoencoderKL
+from ldmkit.sampling_args import (
+    CHUNK,
+    NonFiniteOutputError,
+    check_count,
+    check_eta,
+    check_guidance,
+    check_guidance_rescale,
+    check_prompt,
+    check_sampler,
+    check_steps,
+)
 from ldmkit.viz import to_pil
 
 REQUIRED_FILES = ("model_index.json", "scheduler.json", "text_encoder.json",
@@ -84,6 +96,42 @@ class TextToImagePipeline:
                            uncond.to(device), guidance_scale, guidance_rescale, self.x0_clamp,
                            two_pass)
 
+    def initial_noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_T for `n` images, drawn on the CPU so a seed gives the same images on any
+        device. A chunk of images draws its noise in one call, after the previous chunk."""
+        return torch.randn(self.latent_shape(n), generator=generator)
+
+    def conditioning(self, prompts: Sequence[str], negative_prompt: str | None = None
+                     ) -> tuple[TextEmbeddings, TextEmbeddings]:
+        """(cond with one row per prompt, uncond of batch 1). Each distinct prompt is
+        encoded once, so a prompt's embedding does not depend on how often it repeats
+        (the server relies on this: a request batched with others is encoded as alone)."""
+        distinct = list(dict.fromkeys(prompts))
+        cond = self.text_encoder.encode(distinct)
+        if len(distinct) < len(prompts):
+            row = {p: i for i, p in enumerate(distinct)}
+            cond = cond.index_select(torch.tensor([row[p] for p in prompts]))
+        uncond = (self.text_encoder.null() if negative_prompt is None
+                  else self.text_encoder.encode([negative_prompt]))
+        return cond, uncond
+
+    @torch.no_grad()
+    def denoise(self, x_T: torch.Tensor, cond: TextEmbeddings, uncond: TextEmbeddings,
+                num_inference_steps: int, guidance_scale: float, sampler: str,
+                generator: torch.Generator | None = None, callback: StepCallback | None = None,
+                eta: float = 0.0, guidance_rescale: float = 0.0, two_pass: bool = False,
+                bf16: bool = False) -> torch.Tensor:
+        """The guided sampler from given noise and conditioning (rows = images): the one
+        loop that `generate_latents` and the server's batches run. Arguments are trusted
+        (checked by the callers); non-finite latents are refused."""
+        x_T = x_T.to(self.device)
+        denoiser = self.denoiser(cond, uncond, guidance_scale, guidance_rescale, two_pass)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            latents = run_sampler(sampler, denoiser, x_T, self.schedule, num_inference_steps,
+                                  eta=eta, generator=_device_generator(generator, self.device),
+                                  callback=callback).float()
+        return check_finite(latents, "latents")
+
     @torch.no_grad()
     def generate_latents(self, prompts: Sequence[str], negative_prompt: str | None = None,
                          num_inference_steps: int = HEADLINE.steps,
@@ -93,27 +141,34 @@ class TextToImagePipeline:
                          guidance_rescale: float = 0.0, two_pass: bool = False,
                          bf16: bool = False) -> torch.Tensor:
         """Scaled latents for a list of prompts (one image each). `bf16` runs the U-Net
-        under bf16 autocast (the sampler's own arithmetic stays float32)."""
-        if sampler not in SAMPLERS:
-            raise UserError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-        if not 1 <= num_inference_steps <= self.schedule.timesteps:
-            raise UserError(f"num_inference_steps = {num_inference_steps} must be in "
-                            f"1..{self.schedule.timesteps}")
-        cond = self.text_encoder.encode(list(prompts))
-        uncond = (self.text_encoder.null() if negative_prompt is None
-                  else self.text_encoder.encode([negative_prompt]))
-        # Noise is drawn on the CPU so a seed gives the same images on any device.
-        x_T = torch.randn(self.latent_shape(len(prompts)), generator=generator).to(self.device)
-        denoiser = self.denoiser(cond, uncond, guidance_scale, guidance_rescale, two_pass)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            return run_sampler(sampler, denoiser, x_T, self.schedule, num_inference_steps,
-                               eta=eta, generator=_device_generator(generator, self.device),
-                               callback=callback).float()
+        under bf16 autocast (the sampler's own arithmetic stays float32). More than
+        `sampling_args.CHUNK` prompts run that many at a time (bounded memory); the
+        callback then sees each chunk's steps in turn. Bad arguments -> a
+        SamplingArgumentError (a UserError) naming the parameter."""
+        prompts = check_prompts(prompts)
+        check_count(len(prompts), "prompts")
+        if negative_prompt is not None:
+            check_prompt(negative_prompt, "negative_prompt")
+        check_sampler(sampler)
+        check_steps(num_inference_steps, self.schedule.timesteps, "num_inference_steps")
+        check_guidance(guidance_scale, "guidance_scale")
+        check_guidance_rescale(guidance_rescale)
+        check_eta(eta)
+        chunks = []
+        for start in range(0, len(prompts), CHUNK):
+            part = prompts[start:start + CHUNK]
+            cond, uncond = self.conditioning(part, negative_prompt)
+            x_T = self.initial_noise(len(part), generator)
+            chunks.append(self.denoise(x_T, cond, uncond, num_inference_steps, guidance_scale,
+                                       sampler, generator, callback, eta, guidance_rescale,
+                                       two_pass, bf16))
+        return torch.cat(chunks)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1]."""
-        return self.vae.decode_latents(latents.to(self.device)).clamp(-1, 1).float().cpu()
+        """Scaled latents -> images in [-1, 1]; non-finite pixels are refused."""
+        images = self.vae.decode_latents(latents.to(self.device)).float()
+        return check_finite(images, "decoded images").clamp(-1, 1).cpu()
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | None = None,
                  num_inference_steps: int = HEADLINE.steps,
@@ -123,12 +178,16 @@ class TextToImagePipeline:
                  eta: float = 0.0, guidance_rescale: float = 0.0) -> list[Image.Image]:
         """PIL images, `num_images_per_prompt` per prompt; deterministic for a generator.
         `callback(step_index, t, x_t, x0_hat)` sees every step (latents, scaled)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = check_prompts(prompt)
+        check_count(num_images_per_prompt, "num_images_per_prompt")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        latents = self.generate_latents(prompts, negative_prompt, num_inference_steps,
-                                        guidance_scale, sampler, generator, callback, eta,
-                                        guidance_rescale)
-        return to_pil(self.decode(latents))
+        images = []
+        for start in range(0, len(prompts), CHUNK):  # decode as chunks finish
+            latents = self.generate_latents(prompts[start:start + CHUNK], negative_prompt,
+                                            num_inference_steps, guidance_scale, sampler,
+                                            generator, callback, eta, guidance_rescale)
+            images += to_pil(self.decode(latents))
+        return images
 
     # ------------------------------------------------------------------ folder format
 
@@ -151,10 +210,12 @@ class TextToImagePipeline:
                            "scheduler": "scheduler.json"}})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "auto",
                         text_encoder: TextEncoder | None = None) -> TextToImagePipeline:
         """Load a model folder; anything missing, pickled or inconsistent -> UserError.
-        Pass `text_encoder` to reuse one already loaded (it must match the folder's)."""
+        `device`: auto (the GPU when there is one), cpu, cuda or cuda:N. Pass
+        `text_encoder` to reuse one already loaded (it must match the folder's)."""
+        device = resolve_device(device, "device")
         directory = check_model_dir(directory)
         index = read_json(directory / "model_index.json", "model index")
         scheduler = read_json(directory / "scheduler.json", "scheduler config")
@@ -214,3 +275,15 @@ def _device_generator(generator: torch.Generator | None, device: torch.device
         return generator
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     return torch.Generator(device).manual_seed(seed)
+
+
+def check_finite(values: torch.Tensor, what: str) -> torch.Tensor:
+    """`values`, or a NonFiniteOutputError saying how many images hold NaN or inf: such an
+    image would be written as black, and must never pass for a result."""
+    bad = ~torch.isfinite(values).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        raise NonFiniteOutputError(
+            f"the {what} of {int(bad.sum())} of {values.shape[0]} images are not finite (NaN "
+            "or inf): the model's weights or the sampling settings diverged; nothing is "
+            "returned for them")
+    return values

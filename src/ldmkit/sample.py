@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+import warnings
 from pathlib import Path
 
 import torch
 
+from ldmkit.devices import resolve_device
 from ldmkit.diffusion.registry import HEADLINE
-from ldmkit.errors import UserError
+from ldmkit.models.text import PromptTruncatedWarning
 from ldmkit.pipeline import TextToImagePipeline
+from ldmkit.sampling_args import (
+    CHUNK,
+    SamplingArgs,
+    SamplingArgumentError,
+    check_output_dir,
+    prompt_overflow,
+)
 from ldmkit.viz import save_gif, save_image, save_image_grid, save_strip, to_pil
 
 
@@ -50,27 +60,47 @@ def write_progress(frames: list[tuple[int, torch.Tensor]], final: torch.Tensor,
     save_gif(torch.stack([col[0] for col in columns]), out / f"{stem}.gif")
 
 
+GRID_MAX = 64  # grid.png shows at most the first 64 images
+
+
 def cli_sample(args: argparse.Namespace) -> int:
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
-    if args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
-    pipe = TextToImagePipeline.from_pretrained(args.model)
-    out = Path(args.out)
+    """Check every argument before any work, then generate `n` images a chunk at a time,
+    writing each chunk's files as it finishes (any n runs in bounded memory)."""
+    device = resolve_device(args.device)
+    out = check_output_dir(args.out)
+    pipe = TextToImagePipeline.from_pretrained(args.model, device)
+    try:
+        request = SamplingArgs(args.prompt, args.negative_prompt, args.n, args.steps,
+                               args.guidance, args.sampler, args.seed,
+                               args.guidance_rescale).checked(pipe.schedule.timesteps)
+    except SamplingArgumentError as exc:  # name the flag as typed: --guidance, --n
+        raise SamplingArgumentError(f"--{exc.field.replace('_', '-')}", exc.reason) from None
+    cut = prompt_overflow(pipe.text_encoder.tokenizer, request.prompt,
+                          pipe.text_encoder.max_length)
+    if cut:
+        print(f"ldmkit: warning: --prompt is {cut} tokens longer than the text encoder's "
+              f"{pipe.text_encoder.max_length}; its tail is ignored", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(args.seed)
-    kwargs = {"negative_prompt": args.negative_prompt, "num_inference_steps": args.steps,
-              "guidance_scale": args.guidance, "sampler": args.sampler,
-              "generator": generator, "guidance_rescale": args.guidance_rescale}
-    prompts = [args.prompt] * args.n
-    if args.progress:
-        images, frames = sample_with_frames(pipe, prompts, **kwargs)
-        write_progress(frames, images, out)
-    else:
-        images = pipe.decode(pipe.generate_latents(prompts, **kwargs))
-    pil = to_pil(images)
-    for i, image in enumerate(pil):
-        save_image(image, out / f"{i:04d}.png")
-    save_image_grid(pil, out / "grid.png", nrow=math.ceil(math.sqrt(args.n)))
-    print(f"wrote {args.n} images and grid.png to {out}")
+    generator = torch.Generator().manual_seed(request.seed)
+    kwargs = {"negative_prompt": request.negative_prompt,
+              "num_inference_steps": request.steps, "guidance_scale": request.guidance,
+              "sampler": request.sampler, "generator": generator,
+              "guidance_rescale": request.guidance_rescale}
+    grid: list = []
+    with warnings.catch_warnings():  # said once above, not again for every chunk
+        warnings.simplefilter("ignore", PromptTruncatedWarning)
+        for start in range(0, request.n, CHUNK):
+            prompts = [request.prompt] * min(CHUNK, request.n - start)
+            if args.progress and start == 0:  # the frames of the first chunk's images
+                images, frames = sample_with_frames(pipe, prompts, **kwargs)
+                write_progress(frames, images, out)
+            else:
+                images = pipe.decode(pipe.generate_latents(prompts, **kwargs))
+            pil = to_pil(images)
+            for i, image in enumerate(pil, start):
+                save_image(image, out / f"{i:04d}.png")
+            grid += pil[:GRID_MAX - len(grid)]
+    save_image_grid(grid, out / "grid.png", nrow=math.ceil(math.sqrt(len(grid))))
+    shown = "" if len(grid) == request.n else f" (the first {len(grid)})"
+    print(f"wrote {request.n} images and grid.png{shown} to {out}")
     return 0

@@ -177,9 +177,10 @@ class FidelityEvaluator:
 
 
 def cli_evaluate(args: argparse.Namespace) -> int:
+    from ldmkit.devices import resolve_device
     from ldmkit.pipeline import TextToImagePipeline
 
-    pipe = TextToImagePipeline.from_pretrained(args.model)
+    pipe = TextToImagePipeline.from_pretrained(args.model, resolve_device(args.device))
     n = 50 if args.quick else args.n
     entries = guidance_entries(n) if args.quick else \
         standard_entries(n, n, pipe.schedule.timesteps)

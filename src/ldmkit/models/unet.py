@@ -50,20 +50,26 @@ class AttentionBlock(nn.Module):
 
 
 class TextBlocks(nn.Module):
-    """Project the text tokens to `text_width`, then `text_layers` transformer blocks."""
+    """A residual side path over the text tokens: project down to `text_width`, run
+    `text_layers` transformer blocks, project back up and add. The up-projection starts
+    at zero, so training starts from the frozen encoder's own tokens and learns only what
+    to mix in (a projection that replaced them was measured to set training back)."""
 
     def __init__(self, context_dim: int, cfg: UNetConfig):
         super().__init__()
-        self.proj = nn.Linear(context_dim, cfg.text_width)
+        self.down = nn.Linear(context_dim, cfg.text_width)
         self.blocks = nn.ModuleList(TokenBlock(cfg.text_width, cfg.num_heads)
                                     for _ in range(cfg.text_layers))
         self.norm = nn.LayerNorm(cfg.text_width)
+        self.up = nn.Linear(cfg.text_width, context_dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.proj(tokens)
+        h = self.down(tokens)
         for block in self.blocks:
             h = block(h, mask)
-        return self.norm(h)
+        return tokens + self.up(self.norm(h))
 
 
 class Stage(nn.Module):
@@ -97,16 +103,15 @@ class UNet(nn.Module):
         # Optional blocks over the text tokens: a frozen encoder's token for "square" barely
         # knows which colour the caption gives it; mixing tokens lets the U-Net bind them.
         self.text_blocks = TextBlocks(context_dim, cfg) if cfg.text_layers else None
-        tokens_dim = cfg.text_width if cfg.text_layers else context_dim
         # Pooled text -> every ResBlock (through the time embedding): a cheap global
         # signal for what the caption says, while cross-attention says where.
-        self.text_embed = nn.Linear(tokens_dim, time_dim) if cfg.pooled_text else None
+        self.text_embed = nn.Linear(context_dim, time_dim) if cfg.pooled_text else None
 
         def attn(level: int | None, ch: int) -> AttentionBlock | None:
             # level None = the middle, which always cross-attends
             if level is not None and level not in cfg.cross_attn_levels:
                 return None
-            return AttentionBlock(ch, cfg.num_heads, tokens_dim, cfg.self_attn)
+            return AttentionBlock(ch, cfg.num_heads, context_dim, cfg.self_attn)
 
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList()

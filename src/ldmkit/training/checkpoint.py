@@ -5,6 +5,8 @@ Layout of a checkpoints folder:
     step-00000500/<module>.safetensors   weights, one file per named module (e.g. unet, ema)
     step-00000500/state.safetensors      every tensor of the optimizer / scheduler / scaler / RNG
     step-00000500/state.json             the rest of that state, plus step and `extra`
+                                         (under N processes also `rng_ranks`: every
+                                         process's RNG, gathered to the one that writes)
     latest                               the name of the newest complete checkpoint
 
 Nothing is pickled: state dicts are split into tensors (safetensors) and a JSON skeleton
@@ -30,6 +32,7 @@ from torch import nn
 
 from ldmkit.errors import UserError
 from ldmkit.io import atomic_write, load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from ldmkit.training.distributed import gather_json
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -47,6 +50,7 @@ class Checkpoint:
     scaler: dict | None = None
     rng: dict | None = None
     extra: dict = field(default_factory=dict)
+    rng_ranks: list[dict] | None = None  # one per process, when several wrote it
 
 
 # ----------------------------------------------------------------------------- writing
@@ -54,16 +58,19 @@ class Checkpoint:
 
 def save_checkpoint(directory: str | Path, step: int, modules: dict[str, nn.Module],
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                    extra: dict | None = None, scaler: Any = None, keep: int = 2) -> Path:
+                    extra: dict | None = None, scaler: Any = None, keep: int = 2,
+                    rng_ranks: list[dict] | None = None) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`.
-    `modules` are unwrapped modules (not DDP wrappers); call on the main process only."""
+    `modules` are unwrapped modules (not DDP wrappers); call on the main process only,
+    with `rng_ranks` = `rng_states_of_every_rank(accelerator)` under several processes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=directory))
     trash = None
     try:
-        _write_contents(tmp, step, modules, optimizer, scheduler, scaler, extra or {})
+        _write_contents(tmp, step, modules, optimizer, scheduler, scaler, extra or {},
+                        rng_ranks)
         final = directory / name
         if final.exists():  # re-saving a step: move the old copy aside, drop it after
             trash = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=directory))
@@ -79,7 +86,8 @@ def save_checkpoint(directory: str | Path, step: int, modules: dict[str, nn.Modu
 
 
 def _write_contents(folder: Path, step: int, modules: dict[str, nn.Module], optimizer: Any,
-                    scheduler: Any, scaler: Any, extra: dict) -> None:
+                    scheduler: Any, scaler: Any, extra: dict,
+                    rng_ranks: list[dict] | None) -> None:
     for module_name, module in modules.items():
         save_tensors_atomic(folder / f"{module_name}.safetensors", module.state_dict())
     tensors: dict[str, torch.Tensor] = {}
@@ -93,6 +101,8 @@ def _write_contents(folder: Path, step: int, modules: dict[str, nn.Module], opti
         "rng": _encode(rng_state(), tensors, "rng"),
         "extra": extra,
     }
+    if rng_ranks:
+        state["rng_ranks"] = _encode(rng_ranks, tensors, "rng_ranks")
     save_tensors_atomic(folder / "state.safetensors", tensors)
     write_json_atomic(folder / "state.json", state)
 
@@ -151,15 +161,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             scheduler=_decode(state["scheduler"], tensors),
             scaler=_decode(state["scaler"], tensors),
             rng=_decode(state["rng"], tensors),
-            extra=state.get("extra") or {})
+            extra=state.get("extra") or {},
+            rng_ranks=_decode(state.get("rng_ranks"), tensors))
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{path}: checkpoint state is incomplete or corrupted ({exc!r})") from None
 
 
 def restore_checkpoint(ckpt: Checkpoint, modules: dict[str, nn.Module],
                        optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                       scaler: Any = None, restore_rng: bool = True) -> int:
-    """Load a checkpoint's state into live objects; returns the step to continue from."""
+                       scaler: Any = None, restore_rng: bool = True, rank: int = 0,
+                       world_size: int = 1) -> int:
+    """Load a checkpoint's state into live objects; returns the step to continue from.
+    Process `rank` of `world_size` gets back its own RNG state; a checkpoint written by
+    another number of processes is refused (its random streams cannot be continued)."""
     missing = sorted(set(modules) - set(ckpt.modules))
     if missing:
         raise UserError(f"{ckpt.path}: checkpoint has no weights for {missing}")
@@ -178,8 +192,17 @@ def restore_checkpoint(ckpt: Checkpoint, modules: dict[str, nn.Module],
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise UserError(f"{ckpt.path}: saved {what} state does not fit ({exc})") from None
     if restore_rng and ckpt.rng is not None:
-        set_rng_state(ckpt.rng)
+        set_rng_state(_rng_of_rank(ckpt, rank, world_size))
     return ckpt.step
+
+
+def _rng_of_rank(ckpt: Checkpoint, rank: int, world_size: int) -> dict:
+    saved = ckpt.rng_ranks or [ckpt.rng]
+    if len(saved) != world_size:
+        raise UserError(f"{ckpt.path / 'state.json'}: written by a run of {len(saved)} "
+                        f"process(es); resume it with {len(saved)} (this run has "
+                        f"{world_size}), or start a new run with another --out")
+    return saved[rank]
 
 
 def _step_dirs(directory: Path) -> list[Path]:
@@ -198,6 +221,21 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def rng_states_of_every_rank(accelerator: Any) -> list[dict] | None:
+    """Every process's `rng_state()`, in rank order, for the process that writes the
+    checkpoint; None for a single process (its own state is saved as before). Call on
+    every process: it is a collective."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return None
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode(rng_state(), tensors, "rng")
+    mine = {"state": skeleton, "tensors": {k: [str(v.dtype).removeprefix("torch."),
+                                               v.cpu().tolist()] for k, v in tensors.items()}}
+    return [_decode(theirs["state"], {k: torch.tensor(values, dtype=getattr(torch, dtype))
+                                      for k, (dtype, values) in theirs["tensors"].items()})
+            for theirs in gather_json(accelerator, mine)]
 
 
 def set_rng_state(state: dict) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ldmkit.training.distributed import rank_seed
 
 # ----------------------------------------------------------------------------- accelerator
 
@@ -40,7 +43,15 @@ def make_accelerator(mixed_precision: str = "auto", **kwargs: Any):
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    kwargs.setdefault("cpu", _launched_without_gpus())
     return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), **kwargs)
+
+
+def _launched_without_gpus() -> bool:
+    """Under `torchrun` (or any launcher that sets WORLD_SIZE) on a machine without CUDA,
+    Accelerate only joins the processes into one multi-CPU (gloo) run when told `cpu=True`;
+    left alone it starts N independent runs that write into the same folder."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -180,10 +191,11 @@ def infinite_loader(dataset: Dataset, batch_size: int, seed: int = 0, start_step
     """Batches forever, in the order `StreamSampler` fixes (see there)."""
     sampler = StreamSampler(len(dataset), batch_size, seed, start_step, rank, world_size)
     # An own generator: DataLoader otherwise draws its worker seed from the global torch
-    # RNG, which would shift a resumed run's noise away from the uninterrupted run's.
+    # RNG, which would shift a resumed run's noise away from the uninterrupted run's. One
+    # per rank, so workers of different ranks do not share their random augmentations.
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                         num_workers=num_workers, persistent_workers=num_workers > 0,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(rank_seed(seed, rank)))
     return iter(loader)
 
 

@@ -3,18 +3,25 @@ benchmarks/bench_train.py times.
 
     step = DiffusionStep(unet, cfg, null=text.null())    # plain PyTorch, cfg's precision
     loss = step(latents, text_embeddings)                  # one optimiser update
+    # the same in two halves: the gradients, then the update
+    loss = step.backward(latents, text_embeddings); step.apply()
+
+An update's randomness (dropped captions, timesteps, noise) is drawn for the whole batch
+at once (`draw`), then the batch runs as train.grad_accum_steps micro-batches whose
+gradients add up, so k micro-batches of B give the update one batch of kB would give.
 
 Inside `train_diffusion` the step gets the run's Accelerator, which then owns mixed
-precision, gradient sync and loss scaling. Without one it runs plain PyTorch with bf16
-autocast when asked: that lets a benchmark alternate precisions in one process, which
-Accelerate's process-wide state does not allow.
+precision, gradient sync (once per update, on the last micro-batch) and loss scaling.
+Without one it runs plain PyTorch with bf16 autocast when asked: that lets a benchmark
+alternate precisions in one process, which Accelerate's process-wide state does not allow.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,26 +32,65 @@ from ldmkit.models.text import TextEmbeddings
 from ldmkit.training.common import make_lr_schedule, make_optimizer, resolve_mixed_precision
 
 
-def drop_captions(text: TextEmbeddings, null: TextEmbeddings, p_uncond: float) -> TextEmbeddings:
+def drop_captions(text: TextEmbeddings, null: TextEmbeddings, p_uncond: float,
+                  drop: torch.Tensor | None = None) -> TextEmbeddings:
     """Replace each caption by the null prompt (its tokens and its own mask) with
-    probability p_uncond, so one network also learns the unconditional score (CFG)."""
-    drop = (torch.rand(len(text)) < p_uncond).to(text.tokens.device)
-    return text.where(~drop, null)
+    probability p_uncond, so one network also learns the unconditional score (CFG).
+    `drop` (bool per caption) replaces the draw."""
+    if drop is None:
+        drop = torch.rand(len(text)) < p_uncond
+    return text.where(~drop.to(text.tokens.device), null)
 
 
 def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, latents: torch.Tensor,
                    text: TextEmbeddings, cfg: DiffusionConfig,
-                   autocast: Callable[[], AbstractContextManager]) -> torch.Tensor:
-    """Weighted MSE to the eps or v target at uniformly drawn timesteps. `text` is used
-    as given: caption dropout happens before (see `drop_captions`)."""
-    t = torch.randint(0, schedule.timesteps, (latents.shape[0],)).to(latents.device)
-    noise = torch.randn_like(latents)
+                   autocast: Callable[[], AbstractContextManager],
+                   t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Weighted MSE to the eps or v target at uniformly drawn timesteps (or the given `t`
+    and `noise`). `text` is used as given: caption dropout happens before."""
+    if t is None:
+        t = torch.randint(0, schedule.timesteps, (latents.shape[0],)).to(latents.device)
+    if noise is None:
+        noise = torch.randn_like(latents)
     x_t = schedule.q_sample(latents, t, noise)
     target = schedule.training_target(latents, noise, t, cfg.prediction)
     with autocast():
         out = model(x_t, t, text.tokens, text.mask)
     per_item = (out.float() - target).pow(2).mean(dim=(1, 2, 3))
     return (per_item * schedule.loss_weight(t, cfg.prediction, cfg.min_snr_gamma)).mean()
+
+
+@dataclass
+class Draws:
+    """An update's randomness, one row per batch item: which captions are dropped, the
+    timesteps, the noise. Drawn in the order one plain step always drew them."""
+
+    drop: torch.Tensor  # bool (B,), on the CPU
+    t: torch.Tensor  # long (B,), on the latents' device
+    noise: torch.Tensor  # like the latents
+
+    @staticmethod
+    def draw(latents: torch.Tensor, p_uncond: float, timesteps: int) -> Draws:
+        n = latents.shape[0]
+        drop = torch.rand(n) < p_uncond
+        t = torch.randint(0, timesteps, (n,)).to(latents.device)
+        return Draws(drop, t, torch.randn_like(latents))
+
+    @staticmethod
+    def cat(parts: list[Draws]) -> Draws:
+        return Draws(*(torch.cat([getattr(p, k) for p in parts]) for k in ("drop", "t", "noise")))
+
+
+def micro_batches(latents: torch.Tensor, text: TextEmbeddings, draws: Draws, k: int
+                  ) -> Iterator[tuple[torch.Tensor, TextEmbeddings, Draws]]:
+    """The batch cut into k nearly equal consecutive parts (fewer if it has fewer rows)."""
+    n = latents.shape[0]
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    for a, b in zip(bounds, bounds[1:]):
+        if b > a:
+            yield latents[a:b], text[a:b], Draws(draws.drop[a:b], draws.t[a:b],
+                                                 draws.noise[a:b])
 
 
 @torch.no_grad()
@@ -86,13 +132,41 @@ class DiffusionStep:
         device = next(self.unet.parameters()).device
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self._bf16)
 
-    def __call__(self, latents: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, text: TextEmbeddings,
+                 draws: Draws | None = None) -> torch.Tensor:
         """One update: caption dropout, loss, backward, clipping, AdamW, LR schedule, EMA.
         Returns the loss unread, so the step never waits for the device (no host sync)."""
-        d, t = self.cfg.diffusion, self.cfg.train
-        text = drop_captions(text, self.null, d.p_uncond)
-        loss = diffusion_loss(self.model, self.schedule, latents, text, d, self.autocast)
-        self._backward(loss)
+        loss = self.backward(latents, text, draws)
+        self.apply()
+        return loss
+
+    def draw(self, latents: torch.Tensor) -> Draws:
+        d = self.cfg.diffusion
+        return Draws.draw(latents, d.p_uncond, self.schedule.timesteps)
+
+    def backward(self, latents: torch.Tensor, text: TextEmbeddings,
+                 draws: Draws | None = None) -> torch.Tensor:
+        """The update's gradients into `.grad` (averaged over processes under DDP): the
+        batch's loss, as train.grad_accum_steps micro-batches, each weighted by its share
+        of the rows. Returns the batch's mean loss (unread)."""
+        d, k = self.cfg.diffusion, self.cfg.train.grad_accum_steps
+        draws = draws if draws is not None else self.draw(latents)
+        parts = list(micro_batches(latents, text, draws, k))
+        total = torch.zeros((), device=latents.device)
+        for i, (lat, txt, dr) in enumerate(parts):
+            with self._no_sync(last=i == len(parts) - 1):
+                txt = drop_captions(txt, self.null, d.p_uncond, dr.drop)
+                loss = diffusion_loss(self.model, self.schedule, lat, txt, d, self.autocast,
+                                      dr.t, dr.noise)
+                if len(parts) > 1:
+                    loss = loss * (lat.shape[0] / latents.shape[0])
+                self._backward(loss)
+            total = total + loss.detach()
+        return total
+
+    def apply(self) -> None:
+        """Clip, AdamW, LR schedule, EMA, on the gradients `backward` left."""
+        t = self.cfg.train
         if t.grad_clip:
             self._clip(t.grad_clip)
         self.optimizer.step()
@@ -100,7 +174,12 @@ class DiffusionStep:
         self.optimizer.zero_grad(set_to_none=True)
         update_ema(self.ema, self.unet, ema_decay(self.step, t.ema_decay))
         self.step += 1
-        return loss
+
+    def _no_sync(self, last: bool) -> AbstractContextManager:
+        """Gradients are all-reduced once per update, on its last micro-batch."""
+        if last or self.accelerator is None:
+            return nullcontext()
+        return self.accelerator.no_sync(self.model)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.accelerator is not None:

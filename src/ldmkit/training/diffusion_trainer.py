@@ -3,7 +3,12 @@
 A straight line from config to loop on Hugging Face Accelerate; the update itself is
 `DiffusionStep` (training/diffusion_step.py). Settings: [unet] the network, [diffusion]
 the schedule, prediction target, min-SNR weighting and p_uncond, [text] the frozen
-encoder, [train] steps, batch, LR, EMA, precision, cache switch.
+encoder, [train] steps, batch, gradient accumulation, LR, EMA, precision, cache switch.
+
+Under `torchrun` / `accelerate launch` every process builds the same initial weights
+(seeded with train.seed), then draws from a stream of its own (training/distributed.py);
+one update sees train.batch_size x train.grad_accum_steps x processes images. Only the
+main process writes into the run folder, which it locks for the run.
 
 A run directory ends up holding:
     config.json        the resolved config the run started with
@@ -12,7 +17,8 @@ A run directory ends up holding:
     samples/           validation-prompt grids (EMA weights) every train.sample_every steps
     checkpoints/       resumable state: U-Net, EMA, optimizer, scheduler, RNG
     model/             the pipeline folder (vae/, unet/ = EMA weights, text_encoder.json, ...)
-    summary.json       steps, seconds, skipped data items (what `DiffusionRun` returns)
+    summary.json       steps, seconds, skipped data items, world size, images seen
+    .lock              held while a run writes here (a second run is refused)
 """
 
 from __future__ import annotations
@@ -29,7 +35,12 @@ from ldmkit.io import write_json_atomic
 from ldmkit.models.text import TextEncoder
 from ldmkit.models.unet import UNet
 from ldmkit.models.vae import AutoencoderKL
-from ldmkit.training.checkpoint import previous_checkpoint, restore_checkpoint, save_checkpoint
+from ldmkit.training.checkpoint import (
+    previous_checkpoint,
+    restore_checkpoint,
+    rng_states_of_every_rank,
+    save_checkpoint,
+)
 from ldmkit.training.common import (
     Budget,
     BudgetBar,
@@ -39,13 +50,15 @@ from ldmkit.training.common import (
     make_accelerator,
 )
 from ldmkit.training.diffusion_step import DiffusionStep
+from ldmkit.training.distributed import is_main_process, run_folder_lock, split_random_streams
 from ldmkit.training.latent_cache import training_batches
 
 
 def cli_train(args: argparse.Namespace) -> int:
     run = train_diffusion(args.cfg, Path(args.vae), Path(args.out), resume=args.resume)
-    print(f"model saved to {run.model_dir}  (try: ldmkit sample --model {run.model_dir} "
-          f"--prompt 'a red circle' --out samples)")
+    if is_main_process():
+        print(f"model saved to {run.model_dir}  (try: ldmkit sample --model {run.model_dir} "
+              f"--prompt 'a red circle' --out samples)")
     return 0
 
 
@@ -68,6 +81,8 @@ class DiffusionRun:
     train_seconds: float
     skipped_items: int
     snapshots: list[Snapshot] = field(default_factory=list)
+    world_size: int = 1  # processes that trained together
+    images_seen: int = 0  # steps x batch_size x grad_accum_steps x world_size
 
 
 def train_diffusion(cfg: Config, vae_dir: Path, out_dir: Path, resume: bool = False,
@@ -76,13 +91,20 @@ def train_diffusion(cfg: Config, vae_dir: Path, out_dir: Path, resume: bool = Fa
     """Train (or resume) the U-Net in `out_dir` and save the pipeline folder there.
     `dataset` / `text` let a caller (the demo) reuse ones it already built; `snapshot_at`
     lists fractions of the budget at which to keep a copy of the EMA weights."""
+    out_dir = Path(out_dir)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    with run_folder_lock(accelerator, out_dir):
+        return _train(cfg, accelerator, Path(vae_dir), out_dir, resume, dataset, text,
+                      snapshot_at)
+
+
+def _train(cfg: Config, accelerator, vae_dir: Path, out_dir: Path, resume: bool, dataset,
+           text: TextEncoder | None, snapshot_at: tuple[float, ...]) -> DiffusionRun:
     from ldmkit.data import build_dataset
 
-    out_dir = Path(out_dir)
     ckpt = previous_checkpoint(out_dir / "checkpoints", resume)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
     device = accelerator.device
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights in every process
     vae = AutoencoderKL.from_pretrained(vae_dir, device).eval().requires_grad_(False)
     text = text or TextEncoder.from_config(cfg.text, device)
     dataset = dataset if dataset is not None else build_dataset(cfg.data, "train")
@@ -92,26 +114,35 @@ def train_diffusion(cfg: Config, vae_dir: Path, out_dir: Path, resume: bool = Fa
                     elapsed=ckpt.extra.get("elapsed", 0.0) if ckpt else 0.0)
     trainer = DiffusionStep(unet, cfg, text.null(), accelerator,
                             progress=budget.progress if cfg.train.minutes else None)
+    split_random_streams(cfg.train.seed, accelerator.process_index)
     if ckpt:
         trainer.step = restore_checkpoint(ckpt, {"unet": unet, "ema": trainer.ema},
                                           trainer.optimizer, trainer.scheduler,
-                                          scaler=accelerator.scaler)
+                                          scaler=accelerator.scaler,
+                                          rank=accelerator.process_index,
+                                          world_size=accelerator.num_processes)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_json(out_dir / "config.json")
-    batches = training_batches(cfg, vae, Path(vae_dir), text, dataset, out_dir, device,
-                               trainer.step)
+    batches = training_batches(cfg, vae, vae_dir, text, dataset, out_dir, device,
+                               trainer.step, accelerator)
     budget.restart_clock()  # the one-off cache build does not eat the training minutes
 
     run = _Run(cfg, accelerator, trainer, budget, text, vae, out_dir)
     snapshots = run.loop(batches, snapshot_at)
     accelerator.wait_for_everyone()
+    world = accelerator.num_processes
     result = DiffusionRun(out_dir / "model", trainer.step, budget.elapsed,
-                          int(getattr(dataset, "skipped", 0)), snapshots)
+                          int(getattr(dataset, "skipped", 0)), snapshots, world,
+                          trainer.step * _images_per_update(cfg, world))
     if accelerator.is_main_process:
         run.finish(result)
     accelerator.wait_for_everyone()
     return result
+
+
+def _images_per_update(cfg: Config, world_size: int) -> int:
+    return cfg.train.batch_size * cfg.train.grad_accum_steps * world_size
 
 
 class _Run:
@@ -141,7 +172,7 @@ class _Run:
             loss = trainer(*batches.next())
             step = trainer.step
 
-            ips = speed.update(cfg.train.batch_size * acc.num_processes)
+            ips = speed.update(_images_per_update(cfg, acc.num_processes))
             if step % cfg.train.log_every == 0 or step == 1:  # .item() syncs: not every step
                 value = loss.item()
                 bar.set_postfix({"loss": f"{running.update(loss=value)['loss']:.4f}",
@@ -164,11 +195,12 @@ class _Run:
         return snapshots
 
     def checkpoint(self, step: int) -> None:
+        rng_ranks = rng_states_of_every_rank(self.acc)  # every process takes part
         if self.acc.is_main_process:
             t = self.trainer
             save_checkpoint(self.out_dir / "checkpoints", step, {"unet": t.unet, "ema": t.ema},
                             t.optimizer, t.scheduler, extra={"elapsed": self.budget.elapsed},
-                            scaler=self.acc.scaler)
+                            scaler=self.acc.scaler, rng_ranks=rng_ranks)
         self.acc.wait_for_everyone()
 
     def pipeline(self):
@@ -202,8 +234,11 @@ class _Run:
                      f"diffusion loss ({self.cfg.diffusion.prediction}-prediction)")
         if self.cfg.train.validation_prompts:
             self.validation_grid(result.steps)
+        t = self.cfg.train
         write_json_atomic(self.out_dir / "summary.json", {
             "steps": result.steps, "train_seconds": result.train_seconds,
-            "skipped_items": result.skipped_items})
+            "skipped_items": result.skipped_items, "world_size": result.world_size,
+            "batch_size": t.batch_size, "grad_accum_steps": t.grad_accum_steps,
+            "images_seen": result.images_seen})
         print(f"trained {result.steps} steps in {result.train_seconds / 60:.2f} min; "
               f"skipped bad data items: {result.skipped_items}")

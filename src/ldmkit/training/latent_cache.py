@@ -2,29 +2,77 @@
 
 The VAE and the text encoder are frozen in stage 2, so ldmkit encodes every image once
 (posterior mean and std, so each visit still draws a fresh latent sample) and every
-distinct caption once (training/text_cache.py), and a training step is then only a gather
-from RAM. `LiveBatches` is the seed's way — both encoders run inside every step — kept
-for like-for-like baselines (`train.use_cache = false`).
+distinct caption once (training/text_cache.py); a training step then reads its rows
+from the shard files (training/mapped.py), so RAM does not grow with the dataset.
+`LiveBatches` is the seed's way — both encoders run inside every step — kept for
+like-for-like baselines (`train.use_cache = false`).
+
+Layout of a latent cache, one folder per (VAE weights, data settings):
+
+    latents-<key>/manifest.json           format, key, data identity, items, and per shard:
+                                          file name, first item, item count, sha256
+    latents-<key>/shard-00000.safetensors  SHARD_ITEMS consecutive items: mean, std (n, C,
+                                          h, w) float32 (unscaled); caption_count (n,);
+                                          caption_keys (m, 20) uint8, the sha1 of each caption
+                                          (its row in the text cache); caption_utf8 +
+                                          caption_ends, the captions' text
+
+Shards always cover the same items and are encoded in the same batches, so a shard's bytes
+do not depend on who built it: under N processes rank r builds shards r, r + N, ...; the
+main process writes the manifest. A shard that is missing, or whose bytes no longer match
+its sha256, is rebuilt, never used.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ldmkit.config import Config
-from ldmkit.io import load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from ldmkit.errors import UserError
+from ldmkit.io import read_json, save_tensors_atomic, write_json_atomic
 from ldmkit.models.text import TextEmbeddings, TextEncoder
 from ldmkit.models.vae import AutoencoderKL
 from ldmkit.training.common import infinite_loader
-from ldmkit.training.text_cache import TextEmbeddingCache
+from ldmkit.training.distributed import gather_json
+from ldmkit.training.mapped import ShardedRows, file_digest, file_rows, map_tensors
+from ldmkit.training.text_cache import TextEmbeddingCache, caption_key
+
+log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, TextEmbeddings]  # scaled latents, their captions' embeddings
+FORMAT = "ldmkit-latent-cache/2"
+ENCODE_BATCH = 128
+SHARD_ITEMS = 32 * ENCODE_BATCH  # whole encoder batches: the same batches whoever encodes
 KEEP_LATENT_CACHES = 3
+DEFAULT_CACHE = Path("runs/diffusion/cache")  # where `ldmkit train` looks by default
+
+
+def cli_cache(args: argparse.Namespace) -> int:
+    from ldmkit.data import build_dataset
+    from ldmkit.training.common import make_accelerator
+
+    cfg, acc = args.cfg, make_accelerator("no")
+    vae = AutoencoderKL.from_pretrained(Path(args.vae), acc.device).eval().requires_grad_(False)
+    text = TextEncoder.from_config(cfg.text, acc.device)
+    cache_dir = Path(args.out or cfg.text.cache_dir or DEFAULT_CACHE)
+    folder, entries, _ = build_cache(cfg, vae, Path(args.vae), text,
+                                     build_dataset(cfg.data, "train"), cache_dir, acc.device, acc)
+    if acc.is_main_process:
+        print(f"cache ready: {sum(e['items'] for e in entries)} items in {len(entries)} shards "
+              f"({folder}), captions in {cache_dir / 'text'}; `ldmkit train` reads it with "
+              f"text.cache_dir={cache_dir} (or when it is <--out>/cache)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- encoding
 
 
 def item_captions(dataset, i: int) -> tuple[torch.Tensor, tuple[str, ...]]:
@@ -36,96 +84,235 @@ def item_captions(dataset, i: int) -> tuple[torch.Tensor, tuple[str, ...]]:
     return image, (caption,)
 
 
-def _cache_key(vae_weights: Path, dataset, data_identity: dict) -> str:
+def cache_key(vae_weights: Path, num_items: int, data_identity: dict) -> str:
+    """Names a latent cache: the VAE's weights (bytes) and the data settings."""
     digest = hashlib.sha1()
     with open(vae_weights, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    digest.update(json.dumps({**data_identity, "len": len(dataset)}, sort_keys=True).encode())
+    digest.update(json.dumps({**data_identity, "len": num_items}, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, dataset, batch_size: int = 128,
-                   device: str | torch.device = "cpu") -> tuple[dict, list[tuple[str, ...]]]:
-    """Posterior mean and std of every item (unscaled), plus each item's captions."""
+def encode_dataset(vae: AutoencoderKL, dataset, batch_size: int = ENCODE_BATCH,
+                   device: str | torch.device = "cpu", items: range | None = None
+                   ) -> tuple[dict, list[tuple[str, ...]]]:
+    """Posterior mean and std of every item (or of `items`), unscaled, plus its captions."""
+    items = items if items is not None else range(len(dataset))
     means, stds, captions = [], [], []
-    bar = tqdm(range(0, len(dataset), batch_size), desc="encoding latents", dynamic_ncols=True)
+    bar = tqdm(range(items.start, items.stop, batch_size), desc="encoding latents",
+               dynamic_ncols=True)
     for start in bar:
-        items = [item_captions(dataset, i) for i in range(start, min(start + batch_size,
-                                                                      len(dataset)))]
-        images = torch.stack([img for img, _ in items]).to(device)
+        batch = [item_captions(dataset, i) for i in range(start, min(start + batch_size,
+                                                                     items.stop))]
+        images = torch.stack([img for img, _ in batch]).to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             posterior = vae.encode(images)
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
-        captions += [caps for _, caps in items]
+        captions += [caps for _, caps in batch]
     return {"mean": torch.cat(means), "std": torch.cat(stds)}, captions
 
 
-def cached_latents(vae: AutoencoderKL, vae_dir: Path, dataset, cache_dir: Path,
-                   data_identity: dict, device: str | torch.device = "cpu"
-                   ) -> tuple[dict, list[tuple[str, ...]]]:
-    """`encode_dataset`, read from `cache_dir` when this VAE and data were seen before."""
-    key = _cache_key(Path(vae_dir) / "model.safetensors", dataset, data_identity)
-    weights, meta = cache_dir / f"latents-{key}.safetensors", cache_dir / f"latents-{key}.json"
-    if weights.is_file() and meta.is_file():
-        return load_tensors(weights), [tuple(c) for c in read_json(meta)["captions"]]
-    tensors, captions = encode_dataset(vae, dataset, device=device)
-    save_tensors_atomic(weights, tensors)
-    write_json_atomic(meta, {"data": data_identity, "captions": captions})
-    _prune(cache_dir, KEEP_LATENT_CACHES)
-    return tensors, captions
+def write_shard(folder: Path, index: int, first: int, latents: dict,
+                captions: list[tuple[str, ...]]) -> dict:
+    """Write shard `index` (items first, first + 1, ...) atomically; returns its manifest
+    entry. Public so that a benchmark can write made-up latents in the real format."""
+    flat = [c for caps in captions for c in caps]
+    text = [c.encode("utf-8") for c in flat]
+    tensors = {"mean": latents["mean"], "std": latents["std"],
+               "caption_count": torch.tensor([len(c) for c in captions], dtype=torch.long),
+               "caption_keys": _bytes_tensor(b"".join(map(caption_key, flat))).view(-1, 20),
+               "caption_utf8": _bytes_tensor(b"".join(text)),
+               "caption_ends": torch.tensor([len(t) for t in text], dtype=torch.long).cumsum(0)}
+    name = f"shard-{index:05d}.safetensors"
+    save_tensors_atomic(folder / name, tensors, metadata={"format": FORMAT})
+    return {"name": name, "first": first, "items": len(captions),
+            "sha256": file_digest(folder / name)}
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
+        torch.zeros(0, dtype=torch.uint8)
+
+
+def write_manifest(folder: Path, key: str, data_identity: dict, entries: list[dict]) -> None:
+    write_json_atomic(folder / "manifest.json", {
+        "format": FORMAT, "key": key, "data": data_identity,
+        "items": sum(e["items"] for e in entries), "shard_items": SHARD_ITEMS,
+        "shards": entries})
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_cache(cfg: Config, vae: AutoencoderKL, vae_dir: Path, text: TextEncoder, dataset,
+                cache_dir: Path, device: torch.device, accelerator=None
+                ) -> tuple[Path, list[dict], TextEmbeddingCache]:
+    """Encode what is missing or damaged (each process its own shards and its share of
+    the captions), keep what is intact; returns the latent folder, its shard entries and
+    the text cache that holds every caption."""
+    identity = cfg.to_dict()["data"]
+    key = cache_key(Path(vae_dir) / "model.safetensors", len(dataset), identity)
+    folder = Path(cache_dir) / f"latents-{key}"
+    rank, world = _ranks(accelerator)
+    known = _manifest_entries(folder, key)
+    mine = {}
+    for i, first in enumerate(range(0, len(dataset), SHARD_ITEMS)):
+        if i % world == rank:
+            items = range(first, min(first + SHARD_ITEMS, len(dataset)))
+            mine[str(i)] = _intact_or_rebuilt(vae, dataset, folder, i, items, known, device)
+    entries = [e for part in gather_json(accelerator, mine) for e in part.values()]
+    entries.sort(key=lambda e: e["first"])
+    if rank == 0 and entries != known:
+        write_manifest(folder, key, identity, entries)
+        _prune(Path(cache_dir), KEEP_LATENT_CACHES)
+    texts = _cache_captions(folder, entries, Path(cache_dir) / "text", text, accelerator)
+    return folder, entries, texts
+
+
+def _ranks(accelerator) -> tuple[int, int]:
+    if accelerator is None:
+        return 0, 1
+    return accelerator.process_index, accelerator.num_processes
+
+
+def _manifest_entries(folder: Path, key: str) -> list[dict]:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return []
+    try:
+        manifest = read_json(path, "latent cache manifest")
+        fits = manifest.get("format") == FORMAT and manifest.get("key") == key
+        return [dict(e) for e in manifest["shards"]] if fits else []
+    except (UserError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        log.warning("latent cache %s: unreadable manifest (%s); rebuilding", path, exc)
+        return []
+
+
+def _intact_or_rebuilt(vae: AutoencoderKL, dataset, folder: Path, index: int, items: range,
+                       known: list[dict], device) -> dict:
+    entry = next((e for e in known if e.get("first") == items.start), None)
+    problem = _shard_problem(folder, entry, items)
+    if not problem:
+        return entry
+    if entry is not None:
+        log.warning("latent cache %s: shard %d %s; rebuilding it", folder, index, problem)
+    latents, captions = encode_dataset(vae, dataset, device=device, items=items)
+    return write_shard(folder, index, items.start, latents, captions)
+
+
+def _shard_problem(folder: Path, entry: dict | None, items: range) -> str:
+    if entry is None:
+        return "is not built"
+    if entry.get("items") != len(items):
+        return f"holds {entry.get('items')} items, not {len(items)}"
+    path = folder / str(entry.get("name"))
+    if not path.is_file():
+        return "is missing"
+    if file_digest(path) != entry.get("sha256"):
+        return "does not match its sha256 (corrupted or changed on disk)"
+    return ""
+
+
+def _cache_captions(folder: Path, entries: list[dict], text_dir: Path, text: TextEncoder,
+                    accelerator) -> TextEmbeddingCache:
+    """Every distinct caption of the shards into the text cache, encoded once."""
+    rank, world = _ranks(accelerator)
+    cache = TextEmbeddingCache(text_dir, text)
+    cache.prefetch(_uncached_captions(folder, entries, cache), rank, world)
+    if world == 1:
+        cache.save()
+        return cache
+    names = gather_json(accelerator, cache.save(manifest=False))
+    if rank == 0:
+        cache.adopt(n for part in names[1:] for n in part)
+        cache.save()
+    accelerator.wait_for_everyone()
+    return TextEmbeddingCache(text_dir, text)  # every rank sees every process's rows
+
+
+def _uncached_captions(folder: Path, entries: list[dict], cache: TextEmbeddingCache
+                       ) -> list[str]:
+    """The shards' captions missing from `cache`, distinct, in order of first appearance."""
+    out: list[str] = []
+    seen: set[bytes] = set()
+    for entry in entries:
+        shard = map_tensors(folder / entry["name"])
+        ends = shard["caption_ends"].tolist()
+        raw = bytes(shard["caption_utf8"].numpy())
+        for j, key in enumerate(_keys(shard["caption_keys"])):
+            if key not in seen and key not in cache:
+                seen.add(key)
+                out.append(raw[ends[j - 1] if j else 0:ends[j]].decode("utf-8"))
+    return out
+
+
+def _keys(table: torch.Tensor) -> list[bytes]:
+    raw = table.contiguous().numpy().tobytes()
+    return [raw[i:i + 20] for i in range(0, len(raw), 20)]
 
 
 def _prune(cache_dir: Path, keep: int) -> None:
-    """Every retrained VAE adds a latent cache; keep only the newest few."""
-    caches = sorted(cache_dir.glob("latents-*.safetensors"), key=lambda p: p.stat().st_mtime,
-                    reverse=True)
+    """Every retrained VAE adds a latent cache; keep only the newest few (folders, and the
+    single files of ldmkit 0.1's caches)."""
+    caches = [p for p in cache_dir.glob("latents-*") if p.is_dir() or p.suffix == ".safetensors"]
+    caches.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for old in caches[keep:]:
-        old.unlink(missing_ok=True)
-        old.with_suffix(".json").unlink(missing_ok=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- batches
 
 
 class CachedBatches:
-    """Random batches gathered from RAM: a fresh posterior sample per visit, one of the
-    item's captions drawn per visit, everything indexed on the training device."""
+    """Random batches read from the shard files: items drawn uniformly with
+    replacement, a fresh posterior sample per visit, one of the item's captions drawn per
+    visit. Every draw comes from the process's global torch RNG (checkpoints save each
+    process's), so each process draws its own items: together one global batch."""
 
-    def __init__(self, latents: dict, captions: list[tuple[str, ...]], text_cache:
-                 TextEmbeddingCache, scale_factor: float, batch_size: int,
-                 device: torch.device):
-        flat = [c for caps in captions for c in caps]
-        table, index = text_cache.as_tensors(flat)
-        counts = torch.tensor([len(caps) for caps in captions])
-        self.first = (torch.cumsum(counts, 0) - counts).to(device)
-        self.counts = counts.to(device)
-        self.caption_row = index.to(device)
-        self.captions = table.to(device)
-        self.mean = latents["mean"].to(device)
-        self.std = latents["std"].to(device)
+    def __init__(self, folder: Path, entries: list[dict], text_cache: TextEmbeddingCache,
+                 scale_factor: float, batch_size: int, device: torch.device):
+        paths = [Path(folder) / e["name"] for e in entries]
+        rows = [file_rows(p) for p in paths]  # read per batch
+        self.mean = ShardedRows([r["mean"] for r in rows])
+        self.std = ShardedRows([r["std"] for r in rows])
+        shards = [map_tensors(p) for p in paths]  # read once here: the caption index
+        self.counts = torch.cat([s["caption_count"] for s in shards])
+        self.first = torch.cumsum(self.counts, 0) - self.counts
+        keys = (k for s in shards for k in _keys(s["caption_keys"]))
+        self.captions, self.caption_row = text_cache.table(keys)
         self.scale, self.batch_size, self.device = scale_factor, batch_size, device
 
     def __len__(self) -> int:
-        return self.mean.shape[0]
+        return len(self.mean)
 
     def next(self) -> Batch:
-        """Draws from the global torch RNG, which checkpoints save and restore."""
         n, b = len(self), self.batch_size
-        items = torch.randint(0, n, (b,)).to(self.device)
-        pick = (torch.rand(b).to(self.device) * self.counts[items]).long()
+        items = torch.randint(0, n, (b,))
+        pick = (torch.rand(b) * self.counts[items]).long()
         rows = self.caption_row[self.first[items] + pick]
-        mean, std = self.mean[items], self.std[items]
+        mean = self.mean.gather(items).to(self.device)
+        std = self.std.gather(items).to(self.device)
         latents = (mean + std * torch.randn_like(mean)) * self.scale
-        return latents, self.captions[rows].to(torch.float32)
+        return latents, self.captions.gather(rows).to(self.device)
 
 
 class LiveBatches:
-    """The seed's way: load images, run the VAE encoder and the text encoder every step."""
+    """The seed's way: load images, run the VAE encoder and the text encoder every step.
+    Process `rank` reads its own slice of the shared shuffled stream (`StreamSampler`)."""
 
     def __init__(self, dataset, vae: AutoencoderKL, text: TextEncoder, batch_size: int,
-                 seed: int, start_step: int, device: torch.device, num_workers: int = 0):
+                 seed: int, start_step: int, device: torch.device, num_workers: int = 0,
+                 rank: int = 0, world_size: int = 1):
         self.loader = infinite_loader(dataset, batch_size, seed=seed, start_step=start_step,
-                                      num_workers=num_workers)
+                                      num_workers=num_workers, rank=rank,
+                                      world_size=world_size)
         self.vae, self.text, self.device = vae, text, device
 
     @torch.no_grad()
@@ -136,19 +323,18 @@ class LiveBatches:
 
 
 def training_batches(cfg: Config, vae: AutoencoderKL, vae_dir: Path, text: TextEncoder,
-                     dataset, out_dir: Path, device: torch.device, step: int
-                     ) -> CachedBatches | LiveBatches:
-    """The batch stream `train_diffusion` reads (and benchmarks/bench_train.py times): from
-    the latent + caption caches (built on first use, in cfg.text.cache_dir or
-    out_dir/cache), or, with train.use_cache = false, encoded live like the seed."""
+                     dataset, out_dir: Path, device: torch.device, step: int,
+                     accelerator=None) -> CachedBatches | LiveBatches:
+    """The batch stream `train_diffusion` reads (and benchmarks/bench_train.py times), one
+    update's rows per `next()` (batch_size x grad_accum_steps): from the latent + caption
+    caches (built on first use, in cfg.text.cache_dir or out_dir/cache), or, with
+    train.use_cache = false, encoded live like the seed."""
+    per_update = cfg.train.batch_size * cfg.train.grad_accum_steps
     if not cfg.train.use_cache:
-        return LiveBatches(dataset, vae, text, cfg.train.batch_size, cfg.train.seed, step,
-                           device, cfg.data.num_workers)
+        rank, world = _ranks(accelerator)
+        return LiveBatches(dataset, vae, text, per_update, cfg.train.seed, step, device,
+                           cfg.data.num_workers, rank, world)
     cache_dir = Path(cfg.text.cache_dir) if cfg.text.cache_dir else out_dir / "cache"
-    latents, captions = cached_latents(vae, vae_dir, dataset, cache_dir,
-                                       cfg.to_dict()["data"], device)
-    text_cache = TextEmbeddingCache(cache_dir / "text", text)
-    batches = CachedBatches(latents, captions, text_cache, vae.scale_factor,
-                            cfg.train.batch_size, device)
-    text_cache.save()
-    return batches
+    folder, entries, text_cache = build_cache(cfg, vae, vae_dir, text, dataset, cache_dir,
+                                              device, accelerator)
+    return CachedBatches(folder, entries, text_cache, vae.scale_factor, per_update, device)

@@ -3,7 +3,7 @@ the same caption every epoch (as the seed did every step) is wasted work.
 
 Layout of a cache folder:
   manifest.json          format, encoder identity (name, content hash, max_length, dtype,
-                         class, revision), storage dtype, shard list
+                         class, revision), storage dtype, shard list, each shard's sha256
   shard-<id>.safetensors keys (n, 20) uint8 sha1 digests of the caption text,
                          tokens (n, L, D), mask (n, L) bool, pooled (n, D)
 
@@ -11,8 +11,15 @@ Tokens and pooled vectors are stored in float16 by default: half the RAM and dis
 float32, and a relative rounding error of ~5e-4 (far below the noise the diffusion model is
 trained under). bfloat16 rounds 8x coarser, so it is not the default; pass
 dtype="float32" for exact copies. Shards are append-only; save() writes the new rows as one
-shard and folds everything into a single shard once there are too many. Only one process
-should save() into a folder at a time (the main process under Accelerate).
+shard and folds everything into a single shard once there are too many. Saved shards are
+memory-mapped and training reads their rows on demand (training/mapped.py), so a cache
+larger than RAM still opens and trains; a shard whose bytes no longer match the
+manifest's sha256 makes the cache rebuild.
+
+Under several processes, `prefetch(captions, rank, world_size)` has each process encode
+every world_size-th of the batches one process would encode (so the bytes are the same
+whatever the number of processes); each then `save(manifest=False)`s its rows and the main
+process `adopt`s the others' shards and writes the one manifest.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ import torch
 from torch import Tensor
 
 from ldmkit.errors import UserError
-from ldmkit.io import load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from ldmkit.io import read_json, save_tensors_atomic, write_json_atomic
 from ldmkit.models.text import TextEmbeddings, TextEncoder, check_prompts
+from ldmkit.training.mapped import ShardedRows, file_digest, file_rows, map_tensors
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,7 @@ class TextEmbeddingCache:
         self._keys: list[list[bytes]] = []  # keys of each block's rows
         self._where: dict[bytes, tuple[int, int]] = {}  # key -> (block, row)
         self._shards: list[str] = []  # shard file of each saved block
+        self._digests: dict[str, str] = {}  # shard file -> sha256
         self._dirty = False
         self._load()
 
@@ -70,13 +79,18 @@ class TextEmbeddingCache:
     def __len__(self) -> int:
         return len(self._where)
 
-    def __contains__(self, caption: str) -> bool:
-        return caption_key(caption) in self._where
+    def __contains__(self, caption: str | bytes) -> bool:
+        """A caption, or its key (`caption_key`), is cached."""
+        return (caption if isinstance(caption, bytes) else caption_key(caption)) in self._where
 
-    def prefetch(self, captions: Iterable[str]) -> int:
-        """Encode every caption not cached yet; returns how many were encoded."""
+    def prefetch(self, captions: Iterable[str], rank: int = 0, world_size: int = 1) -> int:
+        """Encode every caption not cached yet (this process's share of them, under
+        several processes: see the module's docstring); returns how many it encoded."""
         before = self.misses
-        self._ensure(check_prompts(captions))
+        if world_size == 1:
+            self._ensure(check_prompts(captions))
+        else:
+            self._encode_share(check_prompts(captions), rank, world_size)
         return self.misses - before
 
     def get(self, captions: Iterable[str]) -> TextEmbeddings:
@@ -93,29 +107,82 @@ class TextEmbeddingCache:
         index = torch.tensor([rows.setdefault(k, len(rows)) for k in keys], dtype=torch.long)
         return self._gather(list(rows)), index
 
-    def save(self) -> None:
+    def save(self, manifest: bool = True) -> list[str]:
         """Persist new rows as one shard, then the manifest; both writes are atomic, and
-        stale shards are deleted only after the manifest that drops them is in place."""
+        stale shards are deleted only after the manifest that drops them is in place.
+        Returns the new shards' names; `manifest=False` writes only those (see `adopt`)."""
         if not self._dirty:
-            return
-        if len(self._blocks) > MAX_SHARDS:
+            return []
+        if manifest and len(self._blocks) > MAX_SHARDS:
             self._compact()
-        for b in range(len(self._shards), len(self._blocks)):
-            self._shards.append(self._write_shard(b))
-        write_json_atomic(self.dir / MANIFEST, self._manifest())
-        for stale in set(self.dir.glob("shard-*.safetensors")) - {self.dir / s for s in
-                                                                    self._shards}:
-            stale.unlink(missing_ok=True)
-        self._dirty = False
+        new = [self._write_shard(b) for b in range(len(self._shards), len(self._blocks))]
+        self._shards += new
+        if manifest:
+            write_json_atomic(self.dir / MANIFEST, self._manifest())
+            for stale in set(self.dir.glob("shard-*.safetensors")) - {self.dir / s for s in
+                                                                        self._shards}:
+                stale.unlink(missing_ok=True)
+            self._dirty = False
+        return new
+
+    def adopt(self, names: Iterable[str]) -> None:
+        """Take in shards other processes wrote with `save(manifest=False)`; the next
+        `save()` lists them in the manifest."""
+        self.save(manifest=False)  # own rows first: block b is always shard b
+        for name in names:
+            if name not in self._shards:
+                keys, block = self._read_shard(name)
+                self._add(keys, block)
+                self._shards.append(name)
+        self._dirty = True
+
+    def table(self, keys: Iterable[bytes]) -> tuple[CaptionTable, Tensor]:
+        """For training: every cached row as one table read from the shard files (nothing
+        copied into RAM), and the row of each key. Every key must be cached."""
+        starts, total = [], 0
+        for block in self._blocks:
+            starts.append(total)
+            total += len(block)
+        try:
+            rows = [starts[b] + r for b, r in map(self._where.__getitem__, keys)]
+        except KeyError as exc:
+            raise UserError(f"{self.dir}: caption {bytes(exc.args[0]).hex()} is not in the "
+                            "text cache") from None
+        return CaptionTable(self._row_readers()), torch.tensor(rows, dtype=torch.long)
+
+    def _row_readers(self) -> list[dict]:
+        """Per block: saved ones read row by row from their shard file, new ones in RAM."""
+        readers = []
+        for b, block in enumerate(self._blocks):
+            if b < len(self._shards):
+                readers.append(file_rows(self.dir / self._shards[b]))
+            else:
+                readers.append({"tokens": block.tokens, "mask": block.mask,
+                                "pooled": block.pooled})
+        return readers
 
     # ------------------------------------------------------------------ encoding
 
-    def _ensure(self, captions: list[str]) -> list[bytes]:
+    def _missing(self, captions: list[str]) -> tuple[list[bytes], dict[bytes, str]]:
+        """Keys of `captions`, and the distinct uncached ones in order of first appearance."""
         keys = [caption_key(c) for c in captions]
         missing: dict[bytes, str] = {}
         for key, caption in zip(keys, captions):
             if key not in self._where:
                 missing.setdefault(key, caption)
+        return keys, missing
+
+    def _encode_share(self, captions: list[str], rank: int, world_size: int) -> None:
+        _, missing = self._missing(captions)
+        batches = _batches_like_encode(list(missing.values()), self.batch_size)
+        mine = batches[rank::world_size]
+        if mine:
+            emb = TextEmbeddings.cat([self.encoder.encode(b, self.batch_size) for b in mine])
+            self._add([caption_key(c) for b in mine for c in b], self._to_storage(emb))
+        self.misses += sum(len(b) for b in mine)
+
+    def _ensure(self, captions: list[str]) -> list[bytes]:
+        keys, missing = self._missing(captions)
         self.misses += len(missing)
         self.hits += len(captions) - len(missing)
         if missing:
@@ -174,7 +241,8 @@ class TextEmbeddingCache:
     def _manifest(self) -> dict:
         return {"format": FORMAT, "encoder": self._identity(), "dtype": self.dtype,
                 "length": self.encoder.max_length, "dim": self.encoder.hidden_size,
-                "entries": len(self), "shards": self._shards}
+                "entries": len(self), "shards": self._shards,
+                "sha256": {s: self._digests[s] for s in self._shards if s in self._digests}}
 
     def _write_shard(self, b: int) -> str:
         keys = b"".join(self._keys[b])
@@ -187,6 +255,7 @@ class TextEmbeddingCache:
         if block.pooled is not None:
             tensors["pooled"] = block.pooled
         save_tensors_atomic(self.dir / name, tensors, metadata={"format": FORMAT})
+        self._digests[name] = file_digest(self.dir / name)
         return name
 
     def _load(self) -> None:
@@ -196,8 +265,9 @@ class TextEmbeddingCache:
         try:
             manifest = read_json(path, "text cache manifest")
             stale = self._stale_reason(manifest)
-            blocks = [] if stale else [self._read_shard(s) for s in manifest["shards"]]
-        except (UserError, KeyError, TypeError, ValueError) as exc:
+            blocks = [] if stale else [self._read_shard(s, manifest.get("sha256", {}))
+                                       for s in manifest["shards"]]
+        except (UserError, OSError, KeyError, TypeError, ValueError) as exc:
             stale = f"unreadable ({exc})"
         if stale:
             self.rebuilt_reason = stale
@@ -219,8 +289,13 @@ class TextEmbeddingCache:
                    if old.get(k) != new.get(k)]
         return "text encoder changed (" + "; ".join(changed) + ")" if changed else ""
 
-    def _read_shard(self, name: str) -> tuple[list[bytes], TextEmbeddings]:
-        t = load_tensors(self.dir / name)
+    def _read_shard(self, name: str, digests: dict | None = None
+                    ) -> tuple[list[bytes], TextEmbeddings]:
+        digest = file_digest(self.dir / name)
+        if (digests or {}).get(name, digest) != digest:
+            raise ValueError(f"{name} does not match the manifest's sha256")
+        self._digests[name] = digest
+        t = map_tensors(self.dir / name)
         raw = t["keys"].contiguous().numpy().tobytes()
         keys = [raw[i:i + 20] for i in range(0, len(raw), 20)]
         block = TextEmbeddings(t["tokens"], t["mask"], t.get("pooled"))
@@ -228,6 +303,31 @@ class TextEmbeddingCache:
         if tuple(block.tokens.shape[1:]) != expected or len(keys) != len(block):
             raise ValueError(f"{name} holds {tuple(block.tokens.shape)} for {len(keys)} keys")
         return keys, block
+
+
+class CaptionTable:
+    """Cached caption embeddings gathered row by row from their blocks (shard files or
+    RAM), as float32 `TextEmbeddings`."""
+
+    def __init__(self, blocks: list[dict]):
+        self.tokens = ShardedRows([b["tokens"] for b in blocks])
+        self.mask = ShardedRows([b["mask"] for b in blocks])
+        pooled = [b.get("pooled") for b in blocks]
+        self.pooled = None if pooled[0] is None else ShardedRows(pooled)
+
+    def gather(self, rows: Tensor) -> TextEmbeddings:
+        pooled = None if self.pooled is None else self.pooled.gather(rows).float()
+        return TextEmbeddings(self.tokens.gather(rows).float(), self.mask.gather(rows), pooled)
+
+
+def _batches_like_encode(captions: list[str], batch_size: int) -> list[list[str]]:
+    """The batches `TextEncoder.encode(captions, batch_size)` runs: non-blank captions by
+    length (stable), batch_size at a time; blank ones are the null prompt, no batch.
+    Encoding these one by one gives the bytes one call over all of them gives."""
+    real = sorted((c for c in captions if c.strip()), key=len)
+    batches = [real[i:i + batch_size] for i in range(0, len(real), batch_size)]
+    blank = [c for c in captions if not c.strip()]
+    return batches + ([blank] if blank else [])
 
 
 def _empty_like(block: TextEmbeddings, n: int) -> TextEmbeddings:

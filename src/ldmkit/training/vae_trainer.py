@@ -15,6 +15,10 @@ A run directory ends up holding:
     summary.json         held-out PSNR / SSIM, scale factor, time, skipped data items
     checkpoints/         resumable state (see training/checkpoint.py)
     model/               the trained VAE: config.json (with scale_factor) + model.safetensors
+    .lock                held while a run writes here (a second run is refused)
+
+Under several processes each reads its own slice of the data stream and draws its own
+posterior samples (training/distributed.py); only the main process writes.
 """
 
 from __future__ import annotations
@@ -29,7 +33,12 @@ import torch
 from ldmkit.config import Config
 from ldmkit.io import write_json_atomic
 from ldmkit.models.vae import AutoencoderKL, vae_loss
-from ldmkit.training.checkpoint import previous_checkpoint, restore_checkpoint, save_checkpoint
+from ldmkit.training.checkpoint import (
+    previous_checkpoint,
+    restore_checkpoint,
+    rng_states_of_every_rank,
+    save_checkpoint,
+)
 from ldmkit.training.common import (
     Budget,
     BudgetBar,
@@ -41,6 +50,7 @@ from ldmkit.training.common import (
     make_lr_schedule,
     make_optimizer,
 )
+from ldmkit.training.distributed import is_main_process, run_folder_lock, split_random_streams
 
 GRID_IMAGES = 8  # held-out images shown in the reconstruction grid
 SCALE_SAMPLE = 512  # training images encoded to estimate the latent std
@@ -61,18 +71,24 @@ class VAERun:
 
 def cli_train_vae(args: argparse.Namespace) -> int:
     run = train_vae(args.cfg, Path(args.out), resume=args.resume)
-    print(f"VAE saved to {run.model_dir}")
+    if is_main_process():
+        print(f"VAE saved to {run.model_dir}")
     return 0
 
 
 def train_vae(cfg: Config, out_dir: Path, resume: bool = False, dataset=None) -> VAERun:
     """Train (or resume) a VAE run in `out_dir` and save the model folder there.
     `dataset` lets a caller (the demo) pass a training set it already built."""
+    out_dir = Path(out_dir)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    with run_folder_lock(accelerator, out_dir):
+        return _train(cfg, accelerator, out_dir, resume, dataset)
+
+
+def _train(cfg: Config, accelerator, out_dir: Path, resume: bool, dataset) -> VAERun:
     from ldmkit.data import build_dataset
 
-    out_dir = Path(out_dir)
     ckpt = previous_checkpoint(out_dir / "checkpoints", resume)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
     torch.manual_seed(cfg.train.seed)  # the weights' init; RNG state comes back on resume
     train_set = dataset if dataset is not None else build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "val")
@@ -83,8 +99,10 @@ def train_vae(cfg: Config, out_dir: Path, resume: bool = False, dataset=None) ->
                     elapsed=ckpt.extra.get("elapsed", 0.0) if ckpt else 0.0)
     scheduler = make_lr_schedule(optimizer, cfg.vae.warmup_steps, cfg.vae.steps,
                                  progress=budget.progress if cfg.vae.minutes else None)
+    split_random_streams(cfg.train.seed, accelerator.process_index)  # after the shared init
     step = restore_checkpoint(ckpt, {"vae": vae}, optimizer, scheduler,
-                              scaler=accelerator.scaler) if ckpt else 0
+                              scaler=accelerator.scaler, rank=accelerator.process_index,
+                              world_size=accelerator.num_processes) if ckpt else 0
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_json(out_dir / "config.json")
@@ -152,9 +170,11 @@ def _train_loop(cfg: Config, accelerator, model, vae: AutoencoderKL, optimizer, 
 
 def _checkpoint(accelerator, out_dir: Path, step: int, vae: AutoencoderKL, optimizer,
                 scheduler, budget: Budget) -> None:
+    rng_ranks = rng_states_of_every_rank(accelerator)  # every process takes part
     if accelerator.is_main_process:
         save_checkpoint(out_dir / "checkpoints", step, {"vae": vae}, optimizer, scheduler,
-                        extra={"elapsed": budget.elapsed}, scaler=accelerator.scaler)
+                        extra={"elapsed": budget.elapsed}, scaler=accelerator.scaler,
+                        rng_ranks=rng_ranks)
     accelerator.wait_for_everyone()
 
 

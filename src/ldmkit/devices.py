@@ -1,0 +1,31 @@
+"""Which device a command runs its models on: `--device auto|cpu|cuda|cuda:N`, one rule
+for every command and for the pipeline's default."""
+
+from __future__ import annotations
+
+import torch
+
+from ldmkit.errors import UserError
+
+DEVICE_HELP = "auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N"
+
+
+def resolve_device(spec: str | torch.device = "auto", flag: str = "--device") -> torch.device:
+    """`auto` -> cuda when available, else cpu; a CUDA device that is not there -> a
+    UserError naming `flag` (exit 2 from the CLI), never a traceback at first use."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} {spec}: CUDA is not available here (torch "
+                            f"{torch.__version__}); use {flag} cpu or auto")
+        index = spec.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise UserError(f"{flag} {spec}: there are {torch.cuda.device_count()} CUDA "
+                            "devices")
+        return torch.device(spec)
+    raise UserError(f"{flag} {spec!r}: expected {DEVICE_HELP}")

@@ -1,0 +1,114 @@
+// The page: fills the sampler list from /v1/model, posts to /v1/images/stream and reads
+// its server-sent events (fetch, since EventSource cannot POST), shows every preview,
+// then adds the final image with its settings to the gallery.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const png = (b64) => "data:image/png;base64," + b64;
+
+async function loadModel() {
+  const model = await (await fetch("/v1/model")).json();
+  for (const s of model.samplers) {
+    const option = new Option(s.title, s.name);
+    option.selected = s.name === model.defaults.sampler;
+    $("sampler").add(option);
+  }
+  $("steps").value = model.defaults.steps;
+  $("steps").max = model.limits.steps;
+  $("guidance").value = model.defaults.guidance;
+  $("model-info").textContent = `${model.image_size}×${model.image_size} px · ` +
+    `text encoder ${model.text_encoder.name} · T = ${model.schedule.timesteps} · ${model.device}`;
+}
+
+function status(text, error = false) {
+  $("status").textContent = text;
+  $("status").className = error ? "error" : "";
+}
+
+function request() {
+  const body = { prompt: $("prompt").value, steps: Number($("steps").value),
+                 guidance: Number($("guidance").value), sampler: $("sampler").value, n: 1 };
+  if ($("negative_prompt").value.trim()) body.negative_prompt = $("negative_prompt").value;
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  return body;
+}
+
+function describeError(status, body) {
+  const detail = body && body.detail;
+  if (Array.isArray(detail)) return detail.map((d) => `${d.loc.at(-1)}: ${d.msg}`).join("; ");
+  return `${status}: ${detail || "request failed"}`;
+}
+
+// Server-sent events from a fetch body: blocks separated by a blank line.
+async function* events(response) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const event = { name: "message", data: "" };
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) event.name = line.slice(7);
+        else if (line.startsWith("data: ")) event.data += line.slice(6);
+      }
+      if (event.data) yield { name: event.name, data: JSON.parse(event.data) };
+    }
+  }
+}
+
+function addToGallery(result) {
+  const s = result.settings;
+  const card = document.createElement("div");
+  card.className = "card";
+  const img = new Image();
+  img.src = png(result.images[0]);
+  img.alt = s.prompt;
+  img.className = "result";
+  const text = document.createElement("div");
+  text.innerHTML = "<b></b><br>";
+  text.querySelector("b").textContent = s.prompt || "(unconditional)";
+  text.append(`${s.sampler}, ${s.steps} steps, w = ${s.guidance}, seed ${s.seed}` +
+              (s.negative_prompt ? `, not “${s.negative_prompt}”` : ""));
+  for (const w of result.warnings) text.append(document.createElement("br"), `⚠ ${w}`);
+  card.append(img, text);
+  $("gallery").prepend(card);
+}
+
+async function generate(event) {
+  event.preventDefault();
+  $("generate").disabled = true;
+  status("queued…");
+  try {
+    const response = await fetch("/v1/images/stream", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(request()) });
+    if (!response.ok) {
+      const retry = response.headers.get("Retry-After");
+      const body = await response.json().catch(() => null);
+      status(describeError(response.status, body) + (retry ? ` (retry in ${retry} s)` : ""), true);
+      return;
+    }
+    for await (const { name, data } of events(response)) {
+      if (name === "queued") status(data.queued ? `queued behind ${data.queued}…` : "starting…");
+      else if (name === "preview") {
+        $("live").src = png(data.images[0]);
+        status(`denoising: step ${data.step} of ${data.steps} (t = ${data.t})`);
+      } else if (name === "done") {
+        $("live").src = png(data.images[0]);
+        status(`done in ${data.timing.run_s.toFixed(2)} s (batch of ${data.timing.batch_images})`);
+        addToGallery(data);
+      } else if (name === "error") status(describeError(data.status, data), true);
+    }
+  } catch (err) {
+    status(`connection failed: ${err}`, true);
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
+$("form").addEventListener("submit", generate);
+loadModel().catch((err) => status(`cannot read /v1/model: ${err}`, true));
