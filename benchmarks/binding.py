@@ -31,18 +31,21 @@ from ldmkit.io import read_json, write_json_atomic  # noqa: E402
 VARIANTS = {
     "baseline": [],
     "text1": ["unet.text_layers=1"],
-    "text2": ["unet.text_layers=2"],
+    "text2": ["unet.text_layers=2"],  # measured first with a replacing projection: see notes
     "text2-nopool": ["unet.text_layers=2", "unet.pooled_text=false"],
     "xattn8": ["unet.cross_attn_levels=[0, 1, 2]"],
     "text2-xattn8": ["unet.text_layers=2", "unet.cross_attn_levels=[0, 1, 2]"],
     "layers03": ["text.hidden_layers=[0, 3]"],
     "batch64": ["train.batch_size=64"],
+    "two70": ["data.two_object_fraction=0.7"],
+    "two70-text1": ["data.two_object_fraction=0.7", "unet.text_layers=1",
+                    "unet.text_width=128"],
 }
 OUT = RESULTS_DIR / "binding.json"
 
 
 def run_variant(name: str, seed: int, steps: int, vae_dir: Path, train_set, work: Path,
-                n: int) -> dict:
+                n: int, snapshots: tuple[float, ...] = ()) -> dict:
     from ldmkit.diffusion.registry import HEADLINE
     from ldmkit.evaluation.fidelity import PROMPT_SETS, Entry, FidelityEvaluator
     from ldmkit.pipeline import TextToImagePipeline
@@ -53,16 +56,23 @@ def run_variant(name: str, seed: int, steps: int, vae_dir: Path, train_set, work
         f"text.cache_dir={json.dumps(str(work / 'cache'))}", "train.sample_every=100000",
         "train.checkpoint_every=100000"])
     load = os.getloadavg()[0]
-    run = train_diffusion(cfg, vae_dir, work / f"{name}-{seed}", dataset=train_set)
+    run = train_diffusion(cfg, vae_dir, work / f"{name}-{seed}-{steps}", dataset=train_set,
+                          snapshot_at=snapshots)
     pipe = TextToImagePipeline.from_pretrained(run.model_dir)
+    evaluator = FidelityEvaluator()
     entries = [Entry(s, HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance, n)
                for s in PROMPT_SETS] + [Entry("two", HEADLINE.sampler, HEADLINE.steps, 1.0, n)]
-    rows, _ = FidelityEvaluator().evaluate(pipe, entries, desc=f"{name} seed {seed}")
+    rows, _ = evaluator.evaluate(pipe, entries, desc=f"{name} seed {seed}")
     fid = {(r.prompt_set if r.guidance == HEADLINE.guidance else "two_w1"): r.fidelity
            for r in rows}
+    # when binding emerges: the two-object set at the snapshots along the way
+    two = Entry("two", HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance, n)
+    curve = {str(snap.step): evaluator.evaluate(pipe.with_unet(snap.unet), [two],
+                                                desc=f"step {snap.step}")[0][0].fidelity
+             for snap in run.snapshots}
     return {"variant": name, "overrides": VARIANTS[name], "seed": seed, "steps": run.steps,
             "seconds_per_step": round(run.train_seconds / max(run.steps, 1), 3),
-            "load_avg_at_start": round(load, 2), **fid,
+            "load_avg_at_start": round(load, 2), **fid, "two_by_step": curve,
             "unet_params": sum(p.numel() for p in pipe.unet.parameters())}
 
 
@@ -87,6 +97,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--work", type=Path, default=None, help="keep models here (default: tmp)")
+    ap.add_argument("--snapshots", type=float, nargs="*", default=[],
+                    help="fractions of the budget at which to judge the two-object set too")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="binding-"))
     results = read_json(OUT, "binding results")["rows"] if OUT.is_file() else []
@@ -94,7 +106,8 @@ def main() -> None:
         vae_dir, train_set = train_shared_vae(seed, work)
         for name in args.variants:
             start = time.monotonic()
-            row = run_variant(name, seed, args.steps, vae_dir, train_set, work, args.n)
+            row = run_variant(name, seed, args.steps, vae_dir, train_set, work, args.n,
+                              tuple(args.snapshots))
             row["wall_s"] = round(time.monotonic() - start, 1)
             print(json.dumps(row), flush=True)
             results = [r for r in results if (r["variant"], r["seed"], r["steps"]) !=
