@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test bench install clean serve
+.PHONY: demo demo-emoji test bench gpu-check install clean serve
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/ldmkit demo --out runs/demo
 
+# The demo on real images: fetches the pinned emoji packages with npm (once, into
+# runs/emoji-data), trains, judges, writes runs/emoji/report.md. See README "Real images".
+demo-emoji: install
+	$(VENV)/bin/ldmkit demo-emoji --out runs/emoji --data runs/emoji-data
+
 # The API and web page over the demo's model (run `make demo` first): http://127.0.0.1:8000/
 serve: install
 	$(VENV)/bin/ldmkit serve --model runs/demo/model
@@ -31,6 +36,11 @@ test: install
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# One command on a GPU machine: versions, U-Net step (eager, compiled) vs diffusers with MFU,
+# sampling, the demo; writes benchmarks/results/gpu_check.json (BENCHMARKS.md, "GPU check").
+gpu-check:
+	benchmarks/gpu_check.sh
 
 clean:
 	rm -rf runs .pytest_cache

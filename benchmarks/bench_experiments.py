@@ -1,6 +1,8 @@
 """Optional experiments (`run_all.py --experiments`): one change at a time to the U-Net
 training step or the sampler, each against its baseline, alternated A B A B.
 
+    python benchmarks/bench_experiments.py torch_compile [--quick] [--threads 1]   # some
+
 "helped" means the variant's median is at least 5 % faster than the baseline's: smaller
 differences are inside what a shared machine's drift does to medians of a few rounds.
 """
@@ -14,7 +16,7 @@ import time
 import torch
 
 from bench_unet import LATENT, TEXT_WIDTH, make_batch
-from benchlib import DEMO_CONFIG, Sizes, alternate, available_cores
+from benchlib import Sizes, alternate, available_cores, bench_config
 from unet_step import make_step
 
 HELPED = 1.05
@@ -89,33 +91,46 @@ def threads(cfg, sz: Sizes) -> dict:
 
 
 def compiled(cfg, sz: Sizes) -> dict:
+    """train.compile = "default" against "off": the trainer's own step (`DiffusionStep`),
+    bf16, same initial weights and batch; the first compiled step's time is the compile."""
+    from ldmkit.config import override_config
+    from ldmkit.models.text import TextEmbeddings
+    from ldmkit.training.diffusion_step import DiffusionStep
+
     batch = make_batch(sz.unet_batch, cfg.text.max_length, cfg.diffusion.timesteps)
-    model = _unet(cfg)
-    other = torch.compile(copy.deepcopy(model))
+    latents, text = batch["x"], TextEmbeddings(batch["ctx"], batch["mask"])
+    null = TextEmbeddings(torch.zeros(1, *batch["ctx"].shape[1:]), batch["mask"][:1])
+    init = _unet(cfg).state_dict()
+    steps = {}
+    for mode in ("off", "default"):
+        unet = _unet(cfg)
+        unet.load_state_dict(init)
+        steps[mode] = DiffusionStep(unet, override_config(cfg, [f"train.compile={mode}",
+                                                               "train.mixed_precision=bf16"]),
+                                    null)
     start = time.perf_counter()
-    compiled_step = _step(other, batch)
-    compiled_step()  # compiles forward and backward
+    steps["default"](latents, text)  # compiles forward and backward
     compile_s = time.perf_counter() - start
-    return compare(("eager", _step(model, batch)), ("torch.compile", compiled_step),
-                   sz.unet_rounds, f"U-Net train step, bf16; compiling took {compile_s:.0f} s "
-                                   "(less with a warm inductor cache)")
+    return compare(("eager", lambda: steps["off"](latents, text)),
+                   ("train.compile=default", lambda: steps["default"](latents, text)),
+                   sz.unet_rounds, f"DiffusionStep, bf16, batch {sz.unet_batch}; compiling "
+                                   f"took {compile_s:.0f} s (less with a warm inductor cache)")
 
 
 def bf16_sampling(cfg, sz: Sizes) -> dict:
-    from bench_sample import load_pipeline, standin_pipeline
+    from bench_sample import load_pipeline
     from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
     from ldmkit.evaluation.fidelity import PROMPT_SEED
     from ldmkit.evaluation.prompts import prompt_set
 
-    pipe, _ = load_pipeline(sz)
-    pipe = pipe or standin_pipeline(cfg.diffusion.timesteps)
+    pipe, _ = load_pipeline(sz, train=False)
+    pipe = pipe or untrained_pipeline(bench_config("seed-small", 1))
     prompts = prompt_set("single", max(sz.sample_batch, 8), PROMPT_SEED)
 
     def run(bf16: bool):
         def go():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                pipe.generate_latents(prompts, None, HEADLINE.steps, HEADLINE.guidance,
-                                      HEADLINE.sampler, torch.Generator().manual_seed(0))
+            pipe.generate_latents(prompts, None, HEADLINE.steps, HEADLINE.guidance,
+                                  HEADLINE.sampler, torch.Generator().manual_seed(0), bf16=bf16)
         return go
 
     title = SAMPLERS[HEADLINE.sampler].title
@@ -123,14 +138,29 @@ def bf16_sampling(cfg, sz: Sizes) -> dict:
                    f"{title} {HEADLINE.steps} steps, batch {len(prompts)}, latents only")
 
 
+def untrained_pipeline(cfg):
+    """A pipeline at `cfg`'s widths with random weights: it costs what a trained one costs."""
+    from ldmkit.diffusion.schedule import NoiseSchedule
+    from ldmkit.models.text import TextEncoder
+    from ldmkit.models.unet import UNet
+    from ldmkit.models.vae import AutoencoderKL
+    from ldmkit.pipeline import TextToImagePipeline
+
+    text = TextEncoder.from_config(cfg.text)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(cfg.vae, cfg.data.image_size)
+    unet = UNet(cfg.unet, cfg.vae.latent_channels, text.hidden_size)
+    schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    return TextToImagePipeline(vae, unet, text, schedule, cfg.diffusion.prediction,
+                               cfg.diffusion.x0_clamp, cfg.data.image_size)
+
+
 EXPERIMENTS = {"channels_last": channels_last, "adamw_fused_vs_foreach": adamw,
                "threads": threads, "torch_compile": compiled, "bf16_sampling": bf16_sampling}
 
 
 def run_experiments(sz: Sizes, only: list[str] | None = None) -> dict:
-    from ldmkit.config import load_config
-
-    cfg = load_config(DEMO_CONFIG)
+    cfg = bench_config("demo", sz.unet_batch)
     out = {}
     for name, fn in EXPERIMENTS.items():
         if only and name not in only:
@@ -141,3 +171,18 @@ def run_experiments(sz: Sizes, only: list[str] | None = None) -> dict:
         except Exception as exc:  # noqa: BLE001 - one failure must not lose the others
             out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    from benchlib import set_threads, sizes
+
+    ap = argparse.ArgumentParser(description="some of the optional experiments, as JSON")
+    ap.add_argument("names", nargs="+", choices=list(EXPERIMENTS))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    set_threads(args.threads)
+    print(json.dumps(run_experiments(sizes(args.quick), args.names), indent=1))

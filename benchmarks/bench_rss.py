@@ -5,7 +5,8 @@ as a subprocess so the tasks' allocations never mix). Prints one JSON line.
 
 train:      the fast path (latent + text cache build, then bf16 steps), as training runs;
 train-seed: the seed's way (fp32, VAE + text encoder every step);
-sample:     load the demo model (or the quick stand-in), DPM-Solver++ 20 steps, decode.
+sample:     load the sampling row's model (bench_model.py; --model DIR another), DPM-Solver++
+            20 steps, decode.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench_sample import load_pipeline, sampler_fns
 from bench_train import Stepper, make_step, prepare, stream
-from benchlib import DEMO_MODEL, peak_rss_mb, set_threads, sizes
+from benchlib import peak_rss_mb, set_threads, sizes
 
 
 def train(quick: bool, cached: bool) -> dict:
@@ -35,25 +36,26 @@ def train(quick: bool, cached: bool) -> dict:
             "items_cached": sz.train_items if cached else 0}
 
 
-def sample(quick: bool, model_dir: Path) -> dict:
+def sample(quick: bool, model_dir: Path | None) -> dict:
     sz = sizes(quick)
-    pipe, source = load_pipeline(sz, model_dir)
+    pipe, about = load_pipeline(sz, model_dir, train=False)  # training would swell the peak
     if pipe is None:
-        return {"skipped": source}
+        return {"skipped": about["skipped"]}
     from ldmkit.evaluation.fidelity import PROMPT_SEED
     from ldmkit.evaluation.prompts import prompt_set
 
     batch = max(sz.sample_batch, min(sz.fidelity_n, 64))
     setup = peak_rss_mb()
     sampler_fns(pipe, prompt_set("single", batch, PROMPT_SEED))["fast"]()
-    return {"rss_after_setup_mb": round(setup), "batch": batch, "model": source}
+    return {"rss_after_setup_mb": round(setup), "batch": batch, "model": about["model"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("task", choices=("train", "train-seed", "sample"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--model", type=Path, default=DEMO_MODEL)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="model folder to sample from (default: the sampling row's)")
     ap.add_argument("--threads", type=int, default=0, help="0 = every available core")
     args = ap.parse_args()
     set_threads(args.threads)

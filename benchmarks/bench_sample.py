@@ -1,5 +1,5 @@
 """Row 2: sampling images/s, ldmkit's default against the seed's sampler, on one trained
-model (runs/demo/model), with the judge's prompt fidelity of each.
+model, with the judge's prompt fidelity of each.
 
 - fast: the headline setting (registry.HEADLINE: DPM-Solver++(2M), 20 steps, w = 5),
         conditional and unconditional halves in one batched U-Net call per step
@@ -7,12 +7,15 @@ model (runs/demo/model), with the judge's prompt fidelity of each.
 - seed: the reference sampler (ancestral DDPM) over all T steps, two separate U-Net
         calls per step (`two_pass=True`), as the seed samples.
 
-Both include text encoding and the VAE decode, i.e. prompt to image. Speed is timed on a
-small batch (the seed's sampler costs 2T U-Net calls); fidelity is judged on a larger
-set of fresh single-object prompts, the same prompts and initial noise for both. The
-fidelity run of the seed's sampler uses the batched CFG call: the guided output is the
-same function of (x_t, t), so the images match the two-pass ones up to float rounding,
-and the time is the same either way.
+The model is the suite's own (bench_model.py: the seed's 64x64 -> 8x8x4 geometry, trained
+with a fixed step budget the first time, then reused), so a fresh clone writes the row;
+`--model DIR` (run_all.py) samples from another folder instead, e.g. runs/demo/model, and
+the setup line says which was used. Both contenders include text encoding and the VAE
+decode, i.e. prompt to image. Speed is timed on a small batch (the seed's sampler costs 2T
+U-Net calls); fidelity is judged on a larger set of fresh single-object prompts, the same
+prompts and initial noise for both. The fidelity run of the seed's sampler uses the batched
+CFG call: the guided output is the same function of (x_t, t), so the images match the
+two-pass ones up to float rounding, and the time is the same either way.
 """
 
 from __future__ import annotations
@@ -24,11 +27,10 @@ from pathlib import Path
 import torch
 
 from benchlib import (
-    DEMO_CONFIG,
-    DEMO_MODEL,
     RESULTS_DIR,
     Sizes,
     alternate,
+    display_path,
     profile_table,
     rates,
     ratio_summary,
@@ -38,39 +40,23 @@ from ldmkit.diffusion.registry import HEADLINE, reference_sampler
 
 TARGET_SPEEDUP = 25.0
 TARGET_FIDELITY_GAP = 0.03  # fast may trail the seed's fidelity by at most 3 points
-NO_MODEL = "runs/demo/model not found: run make demo first"
 
 
-def standin_pipeline(timesteps: int, text=None):
-    """An untrained pipeline at the demo's sizes (quick mode without a demo model): it
-    costs what a trained one costs, but its fidelity means nothing."""
-    from ldmkit.config import load_config
-    from ldmkit.diffusion.schedule import NoiseSchedule
-    from ldmkit.models.text import TextEncoder
-    from ldmkit.models.unet import UNet
-    from ldmkit.models.vae import AutoencoderKL
+def load_pipeline(sz: Sizes, model_dir: Path | None = None, train: bool = True):
+    """(pipeline on the CPU, what it is) for `model_dir`, else for the suite's own model
+    (trained now if it is not there yet and `train`); (None, why not) when there is none."""
+    from bench_model import folder_for, sample_model
     from ldmkit.pipeline import TextToImagePipeline
 
-    cfg = load_config(DEMO_CONFIG, [f"diffusion.timesteps={timesteps}"])
-    text = text or TextEncoder.from_config(cfg.text)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(cfg.vae, cfg.data.image_size)
-    unet = UNet(cfg.unet, cfg.vae.latent_channels, text.hidden_size)
-    schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    return TextToImagePipeline(vae, unet, text, schedule, cfg.diffusion.prediction,
-                               cfg.diffusion.x0_clamp, cfg.data.image_size)
-
-
-def load_pipeline(sz: Sizes, model_dir: Path = DEMO_MODEL, text=None):
-    """(pipeline, where it came from) or (None, why not)."""
-    from ldmkit.pipeline import TextToImagePipeline
-
-    if (Path(model_dir) / "model_index.json").is_file():
-        return TextToImagePipeline.from_pretrained(model_dir), str(model_dir)
-    if not sz.quick:
-        return None, NO_MODEL
-    return (standin_pipeline(sz.standin_timesteps, text),
-            f"untrained stand-in, T = {sz.standin_timesteps} ({NO_MODEL})")
+    if model_dir is not None:
+        about = {"model": f"{display_path(model_dir)} (given with --model)"}
+    elif train or (folder_for(sz) / "recipe.json").is_file():
+        model_dir, about = sample_model(sz)
+    else:
+        return None, {"skipped": "the sampling row's model is not trained yet (run the "
+                                 "sample row first)"}
+    # the folder names its own text encoder
+    return TextToImagePipeline.from_pretrained(model_dir, "cpu"), about
 
 
 def sampler_fns(pipe, prompts: list[str], seed_steps: int = 0) -> dict:
@@ -114,11 +100,11 @@ def fidelity(pipe, n: int) -> dict:
     return out
 
 
-def sample_row(sz: Sizes, text=None, model_dir: Path = DEMO_MODEL,
+def sample_row(sz: Sizes, model_dir: Path | None = None,
                profile_dir: Path = RESULTS_DIR, force_profile: bool = False) -> dict:
-    pipe, source = load_pipeline(sz, model_dir, text)
+    pipe, about = load_pipeline(sz, model_dir)
     if pipe is None:
-        return {"sample_speedup_vs_seed": None, "sample_skipped": source}
+        return {"sample_speedup_vs_seed": None, "sample_skipped": about["skipped"]}
     from ldmkit.evaluation.fidelity import PROMPT_SEED
     from ldmkit.evaluation.prompts import prompt_set
 
@@ -134,8 +120,7 @@ def sample_row(sz: Sizes, text=None, model_dir: Path = DEMO_MODEL,
         **{f"sample_ips_{k}": summarize(rates(sz.sample_batch, s), 3)
            for k, s in seconds.items()},
         "sample_setup": {
-            "model": source, "trained": "untrained" not in source,
-            "timesteps": pipe.schedule.timesteps, "prediction": pipe.prediction,
+            **about, "timesteps": pipe.schedule.timesteps, "prediction": pipe.prediction,
             "x0_clamp": pipe.x0_clamp, "guidance": HEADLINE.guidance,
             "fast": f"{HEADLINE.sampler} {HEADLINE.steps} steps, batched CFG "
                     "(1 U-Net call of 2B per step)",

@@ -54,36 +54,61 @@ def _pct(value) -> str:
 # ----------------------------------------------------------------------------- tables
 
 
+def _why(r: dict, row: str) -> str:
+    """Why a row has no figures: its error, its skip reason, or that it was not run."""
+    return (r.get(f"{row}_error") or r.get(f"{row}_skipped")
+            or f"not run (`python benchmarks/run_all.py --only {row}`)")
+
+
+def _geometry(setup: dict | None) -> str:
+    """' (64×64 → 4x8x8 (f = 8))' from a row's setup, or '' when it does not say."""
+    if not setup or "image_size" not in setup or "latent" not in setup:
+        return ""
+    side = setup["image_size"]
+    return f" ({side}×{side} → {setup['latent']})"
+
+
 def results_table(r: dict) -> list[str]:
-    """One line per figure: what, key in latest.json, median, spread, target, status."""
+    """One line per figure: what, key in latest.json, median, spread, target, status. A row
+    without figures keeps its line and says why."""
     lines = ["| # | What | Key | Value | Spread | Target | Status |",
              "|---|---|---|---|---|---|---|"]
 
     def add(n, what, key, value, spread="", target="", status=""):
         lines.append(f"| {n} | {what} | `{key}` | {value} | {spread} | {target} | {status} |")
 
-    v, s = _ratio(r, "train_speedup_vs_seed")
-    add(1, "training images/s, fast path over seed-style", "train_speedup_vs_seed", v, s,
-        "≥ 3×", _status(r.get("train_target_met")))
-    for name, label in (("fast", "fast path (cache, bf16)"), ("seed", "seed-style (fp32, live)"),
-                        ("cached_fp32", "cache without bf16")):
-        add("", f"training images/s, {label}", f"train_ips_{name}",
-            _med(r.get(f"train_ips_{name}")), "median (min–max)")
-    for k in ("demo", "seed"):
-        key = f"train_live_vae_encode_ms_per_image_{k}_widths"
-        add("", f"live VAE encode ms/image, {k}'s VAE widths (fp32)", key, _med(r.get(key), 2),
-            "median (min–max)")
-    if r.get("sample_speedup_vs_seed") is None:
-        add(2, "sampling images/s, DPM++ 20 batched CFG over DDPM-T two-pass",
-            "sample_speedup_vs_seed", "skipped", r.get("sample_skipped", r.get("sample_error", "")),
-            "≥ 25×, fidelity within 3 pts", "—")
-    else:
-        v, s = _ratio(r, "sample_speedup_vs_seed")
-        add(2, "sampling images/s, DPM++ 20 batched CFG over DDPM-T two-pass",
-            "sample_speedup_vs_seed", v, s, "≥ 25×, fidelity within 3 pts",
-            _status(r.get("sample_target_met")))
+    def headline(n, what, key, target, met_key, row):
+        if r.get(key) is None:
+            add(n, what, key, "not measured", _why(r, row), target, "—")
+            return False
+        add(n, what, key, *_ratio(r, key), target, _status(r.get(met_key)))
+        return True
+
+    if headline(1, "training images/s, fast path over seed-style"
+                   + _geometry(r.get("train_setup")),
+                "train_speedup_vs_seed", "≥ 3×", "train_target_met", "train"):
+        for name, label in (("fast", "fast path (cache, bf16)"),
+                            ("seed", "seed-style (fp32, live)"),
+                            ("cached_fp32", "cache without bf16")):
+            add("", f"training images/s, {label}", f"train_ips_{name}",
+                _med(r.get(f"train_ips_{name}")), "median (min–max)")
+        # each VAE at its own geometry since the rows were pinned (results with this setup)
+        at = {"seed": " at 64×64", "demo": " at 32×32"} \
+            if r.get("train_demo_geometry_setup") else {}
+        for k in ("seed", "demo"):
+            key = f"train_live_vae_encode_ms_per_image_{k}_widths"
+            add("", f"live VAE encode ms/image, {k}'s VAE widths{at.get(k, '')} (fp32)", key,
+                _med(r.get(key), 2), "median (min–max)")
+        v, s = _ratio(r, "train_speedup_vs_seed_demo_geometry")
+        add("", "same speed-up at the demo's geometry"
+            + _geometry(r.get("train_demo_geometry_setup")),
+            "train_speedup_vs_seed_demo_geometry", v, s)
+    if headline(2, "sampling images/s, DPM++ 20 batched CFG over DDPM-T two-pass",
+                "sample_speedup_vs_seed", "≥ 25×, fidelity within 3 pts", "sample_target_met",
+                "sample"):
         setup = r.get("sample_setup", {})
-        add("", "sampling model", "sample_setup", setup.get("model", "?"))
+        how = f"{setup.get('model', '?')}; {setup.get('how', '')}".rstrip("; ")
+        add("", "sampling model", "sample_setup", how, setup.get("latent", ""))
         for name in ("fast", "seed"):
             add("", f"sampling images/s, {name}", f"sample_ips_{name}",
                 _med(r.get(f"sample_ips_{name}"), 3), "median (min–max)")
@@ -92,32 +117,48 @@ def results_table(r: dict) -> list[str]:
                 f"± {_pct(r.get(f'sample_fidelity_{name}_stderr'))} (1 s.e., "
                 f"n={r.get('sample_fidelity_n', '—')})" if fid is not None
                 else r.get("sample_fidelity_skipped", ""))
-    v, s = _ratio(r, "unet_step_time_ratio_vs_diffusers")
-    add(3, "U-Net training step time, ldmkit over diffusers (bf16)",
-        "unet_step_time_ratio_vs_diffusers", v, s, "≤ 1.0", _status(r.get("unet_target_met")))
-    add("", "same, fp32", "unet_step_time_ratio_vs_diffusers_fp32",
-        _num(r.get("unet_step_time_ratio_vs_diffusers_fp32")))
-    add("", "parameters ldmkit / diffusers", "unet_params_ldmkit",
-        f"{_num(r.get('unet_params_ldmkit'))} / {_num(r.get('unet_params_diffusers'))}")
-    for key in ("unet_step_ms_ldmkit_bf16", "unet_step_ms_diffusers_bf16",
-                "unet_step_ms_ldmkit_fp32", "unet_step_ms_diffusers_fp32"):
-        add("", "step ms, " + key.removeprefix("unet_step_ms_").replace("_", " "), key,
-            _med(r.get(key)), "median (min–max)")
-    peaks = r.get("matmul_peak_tflops", {})
-    for mode in ("bf16", "fp32"):
-        add(4 if mode == "bf16" else "", f"U-Net step FLOP/s over measured {mode} matmul peak",
-            f"{mode}_peak_utilisation", _pct(r.get(f"{mode}_peak_utilisation")),
-            f"{_num(r.get('unet_achieved_tflops', {}).get(mode), 3)} of "
-            f"{_num(peaks.get(mode), 3)} TFLOP/s")
-    for what in ("encode", "decode", "train"):
-        for mode in ("fp32", "bf16"):
-            add(5 if (what, mode) == ("encode", "fp32") else "", f"VAE {what} images/s, {mode}",
-                f"vae_{what}_ips_{mode}", _med(r.get(f"vae_{what}_ips_{mode}")),
-                "median (min–max)")
+    if headline(3, "U-Net training step time, ldmkit over diffusers (bf16)",
+                "unet_step_time_ratio_vs_diffusers", "≤ 1.0", "unet_target_met", "unet"):
+        add("", "same, fp32", "unet_step_time_ratio_vs_diffusers_fp32",
+            _num(r.get("unet_step_time_ratio_vs_diffusers_fp32")))
+        add("", "parameters ldmkit / diffusers", "unet_params_ldmkit",
+            f"{_num(r.get('unet_params_ldmkit'))} / {_num(r.get('unet_params_diffusers'))}")
+        for key in ("unet_step_ms_ldmkit_bf16", "unet_step_ms_diffusers_bf16",
+                    "unet_step_ms_ldmkit_fp32", "unet_step_ms_diffusers_fp32"):
+            add("", "step ms, " + key.removeprefix("unet_step_ms_").replace("_", " "), key,
+                _med(r.get(key)), "median (min–max)")
+        peaks = r.get("matmul_peak_tflops", {})
+        for mode in ("bf16", "fp32"):
+            add(4 if mode == "bf16" else "",
+                f"U-Net step FLOP/s over measured {mode} matmul peak",
+                f"{mode}_peak_utilisation", _pct(r.get(f"{mode}_peak_utilisation")),
+                f"{_num(r.get('unet_achieved_tflops', {}).get(mode), 3)} of "
+                f"{_num(peaks.get(mode), 3)} TFLOP/s")
+    vae_at = _geometry(r.get("vae_setup"))
+    if r.get("vae_encode_ips_fp32") is None:
+        add(5, "VAE images/s", "vae_encode_ips_fp32", "not measured", _why(r, "vae"))
+    else:
+        for what in ("encode", "decode", "train"):
+            for mode in ("fp32", "bf16"):
+                add(5 if (what, mode) == ("encode", "fp32") else "",
+                    f"VAE {what} images/s, {mode}{vae_at}",
+                    f"vae_{what}_ips_{mode}", _med(r.get(f"vae_{what}_ips_{mode}")),
+                    "median (min–max)")
     for task in ("train", "train_seed", "sample"):
+        mb = r.get(f"peak_rss_{task}_mb")
+        detail = r.get(f"peak_rss_{task}_detail", {})
         add("", f"peak RSS, {task.replace('_', ' ')}", f"peak_rss_{task}_mb",
-            f"{_num(r.get(f'peak_rss_{task}_mb'))} MB" if r.get(f"peak_rss_{task}_mb") else "—",
-            "own subprocess, peak RSS (VmHWM)")
+            f"{_num(mb)} MB" if mb else "not measured",
+            "own subprocess, peak RSS (VmHWM)" if mb
+            else detail.get("skipped") or _why(r, "rss"))
+    ips = r.get("distributed_ips")
+    if ips:
+        add(6, "training images/s, 2 processes over 1 (gloo, 1 thread each)",
+            "distributed_speedup_2_over_1", f"{r['distributed_speedup_2_over_1']:.2f}×",
+            "; ".join(f"{k}: {v['median']:,.0f}" for k, v in ips.items()))
+    else:
+        add(6, "training images/s, 2 processes over 1 (gloo, 1 thread each)",
+            "distributed_speedup_2_over_1", "not measured", _why(r, "distributed"))
     return lines
 
 
@@ -164,7 +205,8 @@ def targets_note(r: dict) -> list[str]:
 def setup_notes(r: dict) -> list[str]:
     """Each row's setup dict as one line: sizes, weights, widths."""
     lines = []
-    for key in ("train_setup", "sample_setup", "unet_setup", "vae_setup"):
+    for key in ("train_setup", "train_demo_geometry_setup", "sample_setup", "unet_setup",
+                "vae_setup", "distributed_setup"):
         if r.get(key):
             items = "; ".join(f"{k}: {v}" for k, v in r[key].items())
             lines.append(f"- `{key}`: {items}")

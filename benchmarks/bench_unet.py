@@ -1,9 +1,11 @@
 """Rows 3 and 4: the U-Net training step against diffusers, and its share of the machine.
 
-Row 3: ldmkit's U-Net (the demo's: base 64 x (1, 2, 2), cross-attention at levels 1-2)
-against `diffusers.UNet2DConditionModel` with block widths searched to the nearest
-parameter count (must land within 10 %), same 8x8x4 latents, text length and width, padding
-mask (given to diffusers as `encoder_attention_mask`), batch, precision, loss and AdamW.
+Row 3: ldmkit's U-Net (the bench's, pinned in benchlib: base 64 x (1, 2, 2), one block per
+level, cross-attention at levels 1-2) against `diffusers.UNet2DConditionModel` with block
+widths searched to the nearest parameter count (must land within 10 %), same 8x8x4 latents,
+text length and width, padding mask (given to diffusers as `encoder_attention_mask`),
+batch, precision, loss and AdamW. benchmarks/gpu_check.py reuses the match at the
+configs' own widths.
 The step is unet_step.py's (zero_grad, forward under autocast, MSE, backward, step).
 Ratio = ldmkit time / diffusers time: < 1 means ldmkit is faster.
 
@@ -22,10 +24,10 @@ import torch
 from torch import nn
 
 from benchlib import (
-    DEMO_CONFIG,
     RESULTS_DIR,
     Sizes,
     alternate,
+    bench_config,
     matmul_peak,
     profile_table,
     ratio_summary,
@@ -51,54 +53,61 @@ class DiffusersAdapter(nn.Module):
                          return_dict=False)[0]
 
 
-def diffusers_unet(width: int, heads: int, context_dim: int, blocks: int = 2):
-    """Three levels like the demo's: plain ResBlocks at the top, cross-attention below,
-    `blocks` ResBlocks per level as in ldmkit's config."""
+def diffusers_unet(width: int, unet_cfg, context_dim: int, latent: tuple = LATENT):
+    """diffusers' U-Net shaped like ldmkit's `unet_cfg` at base `width`: the same levels
+    (channel_mult), cross-attention at the same levels, plain ResBlocks elsewhere, the same
+    ResBlocks per level and heads, ldmkit's group_norm rule."""
     from diffusers import UNet2DConditionModel
 
+    levels = range(len(unet_cfg.channel_mult))
+    down = tuple("CrossAttnDownBlock2D" if i in unet_cfg.cross_attn_levels else "DownBlock2D"
+                 for i in levels)
     return UNet2DConditionModel(
-        sample_size=LATENT[1], in_channels=LATENT[0], out_channels=LATENT[0],
-        block_out_channels=(width, 2 * width, 2 * width), layers_per_block=blocks,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=context_dim, attention_head_dim=heads,  # = number of heads
-        norm_num_groups=math.gcd(32, width))  # ldmkit's group_norm rule
+        sample_size=latent[1], in_channels=latent[0], out_channels=latent[0],
+        block_out_channels=tuple(width * m for m in unet_cfg.channel_mult),
+        layers_per_block=unet_cfg.num_res_blocks, down_block_types=down,
+        up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
+        cross_attention_dim=context_dim,
+        attention_head_dim=unet_cfg.num_heads,  # diffusers reads it as the number of heads
+        norm_num_groups=math.gcd(32, width))
 
 
 def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def matched_diffusers(target: int, heads: int, context_dim: int,
-                      blocks: int = 2) -> tuple[nn.Module, int]:
-    """The diffusers U-Net whose parameter count is nearest `target`, width a multiple of 8
-    (and of `heads`); raises if the nearest is off by more than 10 %. The search builds
-    the candidates on the meta device: shapes only, no memory, no init time."""
+def matched_diffusers(target: int, unet_cfg, context_dim: int, latent: tuple = LATENT,
+                      tolerance: float = 0.1) -> tuple[nn.Module, int]:
+    """The diffusers U-Net whose parameter count is nearest `target`, base width a multiple
+    of 8 (and of the heads); raises if the nearest is off by more than `tolerance`. The
+    search builds the candidates on the meta device: shapes only, no memory, no init time."""
     best = None
-    for width in range(8, 257, 8):
-        if width % heads:
+    for width in range(8, 1025, 8):
+        if width % unet_cfg.num_heads:
             continue
         with torch.device("meta"):
-            count = params(diffusers_unet(width, heads, context_dim, blocks))
+            count = params(diffusers_unet(width, unet_cfg, context_dim, latent))
         if best is None or abs(count - target) < abs(best[1] - target):
             best = (width, count)
         if count > 1.2 * target:
             break
     width, count = best
-    if abs(count - target) > 0.1 * target:
-        raise RuntimeError(f"no diffusers width within 10 % of {target} parameters")
+    if abs(count - target) > tolerance * target:
+        raise RuntimeError(f"no diffusers width within {tolerance:.0%} of {target} parameters "
+                           f"(nearest: base {width}, {count})")
     torch.manual_seed(0)
-    return diffusers_unet(width, heads, context_dim, blocks), width
+    return diffusers_unet(width, unet_cfg, context_dim, latent), width
 
 
-def make_batch(batch: int, tokens: int, timesteps: int) -> dict:
+def make_batch(batch: int, tokens: int, timesteps: int, latent: tuple = LATENT,
+               width: int = TEXT_WIDTH) -> dict:
     """Random latents, targets and text with a padding mask of 4..tokens real tokens."""
     g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(4, tokens + 1, (batch,), generator=g)
-    return {"x": torch.randn(batch, *LATENT, generator=g),
-            "target": torch.randn(batch, *LATENT, generator=g),
+    lengths = torch.randint(min(4, tokens), tokens + 1, (batch,), generator=g)
+    return {"x": torch.randn(batch, *latent, generator=g),
+            "target": torch.randn(batch, *latent, generator=g),
             "t": torch.randint(0, timesteps, (batch,), generator=g),
-            "ctx": torch.randn(batch, tokens, TEXT_WIDTH, generator=g),
+            "ctx": torch.randn(batch, tokens, width, generator=g),
             "mask": torch.arange(tokens)[None, :] < lengths[:, None]}
 
 
@@ -114,15 +123,13 @@ def step_flops(model: nn.Module, batch: dict) -> int:
 
 
 def build(sz: Sizes) -> dict:
-    from ldmkit.config import load_config
     from ldmkit.models.unet import UNet
     from ldmkit.training.common import make_optimizer
 
-    cfg = load_config(DEMO_CONFIG)
+    cfg = bench_config("demo", sz.unet_batch)
     torch.manual_seed(0)
     ours = UNet(cfg.unet, LATENT[0], TEXT_WIDTH)
-    theirs, width = matched_diffusers(params(ours), cfg.unet.num_heads, TEXT_WIDTH,
-                                      cfg.unet.num_res_blocks)
+    theirs, width = matched_diffusers(params(ours), cfg.unet, TEXT_WIDTH)
     theirs = DiffusersAdapter(theirs)
     batch = make_batch(sz.unet_batch, cfg.text.max_length, cfg.diffusion.timesteps)
     models = {"ldmkit": ours, "diffusers": theirs}
@@ -163,8 +170,8 @@ def unet_rows(sz: Sizes, profile_dir: Path = RESULTS_DIR, force_profile: bool = 
             "text": f"{cfg.text.max_length} tokens x {TEXT_WIDTH}, padding mask",
             "ldmkit": f"base {cfg.unet.base_channels} x {tuple(cfg.unet.channel_mult)}, "
                       f"cross-attn levels {cfg.unet.cross_attn_levels}, {cfg.unet.num_heads} heads",
-            "diffusers": f"UNet2DConditionModel block_out_channels ({b['width']}, "
-                         f"{2 * b['width']}, {2 * b['width']}), "
+            "diffusers": f"UNet2DConditionModel block_out_channels "
+                         f"{tuple(b['width'] * m for m in cfg.unet.channel_mult)}, "
                          f"layers_per_block {cfg.unet.num_res_blocks}, "
                          f"{cfg.unet.num_heads} heads, norm groups {math.gcd(32, b['width'])}",
             "optimizer": "ldmkit make_optimizer (fused AdamW) for both",

@@ -1,15 +1,28 @@
-"""Row 5a: VAE encode and decode images/s, fp32 against bf16 autocast, at 64x64 -> 8x8x4
-with the demo's VAE (trained weights if `make demo` ran; random weights cost the same).
+"""Row 5a: VAE encode and decode images/s, fp32 against bf16 autocast, at the demo's
+geometry pinned in benchlib (32x32 -> 8x8x4, f = 4, base 16 x (1, 2, 4)), with the demo's
+trained VAE when `make demo` left one of those widths (random weights cost the same).
 Also the VAE training step, fp32 against bf16, with vae_throughput.py's step.
 Inference runs under no_grad, as the latent cache (encode) and the pipeline (decode) do.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from bench_train import demo_config, training_images
-from benchlib import DEMO_VAE, Sizes, alternate, rates, ratio_summary, summarize
+from bench_train import training_images
+from benchlib import (
+    DEMO_VAE,
+    Sizes,
+    alternate,
+    bench_config,
+    describe,
+    display_path,
+    rates,
+    ratio_summary,
+    summarize,
+)
 from vae_throughput import MODES, train_steps
 
 
@@ -18,12 +31,18 @@ def autocast(dtype):
 
 
 def demo_vae(cfg):
-    """The demo's trained VAE if `make demo` ran, else the demo config's, untrained
-    (random weights cost the same to run)."""
+    """The demo's trained VAE if `make demo` left one at the pinned widths, else the
+    pinned widths untrained (random weights cost the same to run)."""
     from ldmkit.models.vae import AutoencoderKL
 
     if (DEMO_VAE / "model.safetensors").is_file():
-        return AutoencoderKL.from_pretrained(DEMO_VAE).eval(), str(DEMO_VAE)
+        trained = AutoencoderKL.from_pretrained(DEMO_VAE).eval()
+        same = {k: v for k, v in dataclasses.asdict(trained.config).items()
+                if k != "scale_factor"} == {k: v for k, v in
+                                           dataclasses.asdict(cfg.vae.architecture()).items()
+                                           if k != "scale_factor"}
+        if same:
+            return trained, display_path(DEMO_VAE)
     torch.manual_seed(0)
     return AutoencoderKL(cfg.vae, cfg.data.image_size).eval(), "untrained (random weights)"
 
@@ -31,7 +50,7 @@ def demo_vae(cfg):
 def vae_row(sz: Sizes) -> dict:
     from ldmkit.training.common import make_optimizer
 
-    cfg = demo_config(sz.vae_batch)
+    cfg = bench_config("demo", sz.vae_batch)
     vae, source = demo_vae(cfg)
     data = training_images(cfg, sz.vae_batch)
     x = torch.stack([data[i][0] for i in range(sz.vae_batch)])
@@ -66,9 +85,9 @@ def vae_row(sz: Sizes) -> dict:
         row[f"vae_train_ips_{mode}"] = summarize(rates(sz.vae_batch, s), 1)
     row["vae_train_bf16_speedup"] = \
         ratio_summary(seconds["fp32"], seconds["bf16"])["median_of_medians"]
-    row["vae_setup"] = {"batch": sz.vae_batch, "rounds": sz.vae_rounds, "weights": source,
-                        "vae": f"base {vae.config.base_channels} x "
-                               f"{tuple(vae.config.channel_mult)}, f = {vae.factor}, "
-                               f"{cfg.data.image_size}px",
+    setup = describe(cfg)
+    row["vae_setup"] = {"geometry": "the demo's", "image_size": setup["image_size"],
+                        "latent": setup["latent"], "vae": setup["vae"],
+                        "batch": sz.vae_batch, "rounds": sz.vae_rounds, "weights": source,
                         "train_step": "vae_throughput.train_steps (vae_loss, fused AdamW)"}
     return row

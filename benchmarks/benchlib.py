@@ -1,6 +1,6 @@
-"""What every benchmark of the suite shares: A/B alternation, medians with their spread,
-machine facts, a measured matmul peak, profiler tables, peak RSS in a subprocess, and
-the results files.
+"""What every benchmark of the suite shares: the pinned setups of the rows, A/B
+alternation, medians with their spread, machine facts, a measured matmul peak, profiler
+tables, peak RSS in a subprocess, and the results files.
 
 Each comparison runs its contenders in turn, A B A B ..., inside one process, so a
 change in machine load during the run hits all of them alike; a contender's rounds are
@@ -29,6 +29,63 @@ DEMO_CONFIG = ROOT / "configs" / "shapes-demo.toml"
 SEED_CONFIG = ROOT / "configs" / "seed-coco64.toml"
 DEMO_MODEL = ROOT / "runs" / "demo" / "model"
 DEMO_VAE = ROOT / "runs" / "demo" / "vae" / "model"
+
+
+# ----------------------------------------------------------------------------- setups
+
+# Each row pins what it runs: image size, VAE and U-Net widths, text encoder, schedule.
+# They are written out here, not read from configs/shapes-demo.toml, so the table keeps
+# measuring what it claims when the demo moves (as it did, to 32x32 / f = 4).
+BENCH_UNET = ("unet.base_channels=64", "unet.channel_mult=[1, 2, 2]", "unet.num_res_blocks=1",
+              "unet.cross_attn_levels=[1, 2]", "unet.num_heads=4", "unet.self_attn=true",
+              "unet.dropout=0.0", "unet.pooled_text=false", "unet.text_layers=0")
+BENCH_TEXT = ('text.encoder="sentence-transformers/all-MiniLM-L6-v2"', "text.max_length=24",
+              'text.dtype="float32"', "text.hidden_layers=[-1]")
+BENCH_DIFFUSION = ('diffusion.schedule="cosine"', "diffusion.timesteps=500",
+                   'diffusion.prediction="v"', "diffusion.min_snr_gamma=5.0",
+                   "diffusion.p_uncond=0.15", "diffusion.x0_clamp=0.0")
+BENCH_TRAIN = ("train.lr=8e-4", "train.warmup_steps=100", 'train.mixed_precision="auto"',
+               "train.ema_decay=0.995", "train.grad_accum_steps=1", 'train.compile="off"',
+               "train.use_cache=true", "train.minutes=0.0", "train.validation_prompts=[]")
+# The seed's 64x64 -> 8x8x4 with the seed's VAE widths (configs/seed-coco64.toml [vae];
+# a test checks they agree), and the demo's 32x32 -> 8x8x4 (f = 4) with its VAE widths.
+SEED_VAE = ("vae.downsample_factor=8", "vae.base_channels=128", "vae.channel_mult=[1, 1, 2, 4]",
+            "vae.num_res_blocks=2", "vae.latent_channels=4", "vae.attention=true")
+DEMO_VAE_WIDTHS = ("vae.downsample_factor=4", "vae.base_channels=16",
+                   "vae.channel_mult=[1, 2, 4]", "vae.num_res_blocks=1",
+                   "vae.latent_channels=4", "vae.attention=true")
+GEOMETRIES = {
+    "seed": ("data.image_size=64", *SEED_VAE),
+    "demo": ("data.image_size=32", *DEMO_VAE_WIDTHS),
+    # the seed's geometry at widths a 2-core CPU trains in minutes (the sampling row's model)
+    "seed-small": ("data.image_size=64", "vae.downsample_factor=8", "vae.base_channels=16",
+                   "vae.channel_mult=[1, 2, 4, 8]", "vae.num_res_blocks=1",
+                   "vae.latent_channels=4", "vae.attention=true"),
+}
+
+
+def bench_config(geometry: str, batch: int, extra: tuple[str, ...] = ()):
+    """A row's pinned config: shapes data at `geometry` ("seed", "demo" or "seed-small"),
+    the bench U-Net, MiniLM, the demo's schedule and training settings, `batch`."""
+    from ldmkit.config import load_config
+
+    return load_config(None, ['data.dataset="shapes"', *GEOMETRIES[geometry], *BENCH_UNET,
+                              *BENCH_TEXT, *BENCH_DIFFUSION, *BENCH_TRAIN,
+                              f"train.batch_size={batch}", *extra])
+
+
+def describe(cfg) -> dict:
+    """What a row ran, in words: image size, latents, VAE, U-Net, text (for its setup)."""
+    v, u, side = cfg.vae, cfg.unet, cfg.data.image_size // cfg.vae.downsample_factor
+    return {"image_size": cfg.data.image_size,
+            "latent": f"{v.latent_channels}x{side}x{side} (f = {v.downsample_factor})",
+            "vae": f"base {v.base_channels} x {tuple(v.channel_mult)}, "
+                   f"{v.num_res_blocks} block(s) per level",
+            "unet": f"base {u.base_channels} x {tuple(u.channel_mult)}, {u.num_res_blocks} "
+                    f"block(s) per level, cross-attn levels {u.cross_attn_levels}, "
+                    f"{u.num_heads} heads",
+            "text_encoder": f"{cfg.text.encoder} (max_length {cfg.text.max_length}, "
+                            f"hidden layers {cfg.text.hidden_layers})"}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -145,14 +202,21 @@ def machine_info() -> dict:
             "load_average_1m_start": round(os.getloadavg()[0], 2)}
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> dict[str, float]:
-    """FLOP/s of an n x n x n matmul in `dtype`: the machine's practical peak for that
-    precision. The best of `reps` timed calls (after a warm-up) is the peak; the median
-    is recorded too, as a sign of how busy the machine was."""
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5,
+                device: str | torch.device = "cpu") -> dict[str, float]:
+    """FLOP/s of an n x n x n matmul in `dtype` on `device`: the machine's practical peak
+    for that precision. The best of `reps` timed calls (after a warm-up) is the peak; the
+    median is recorded too, as a sign of how busy the machine was."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
-    seconds = alternate({"mm": lambda: torch.mm(a, b)}, rounds=reps)["mm"]
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def mm():
+        torch.mm(a, b)
+        sync()  # a GPU queues the product; the time is when it is done
+
+    seconds = alternate({"mm": mm}, rounds=reps)["mm"]
     flops = 2.0 * n ** 3
     return {"flops_per_s": flops / min(seconds),
             "flops_per_s_median": flops / statistics.median(seconds), "n": n}
@@ -243,8 +307,9 @@ def write_results(results: dict, out_dir: Path, name: str = "latest",
 
 @dataclass(frozen=True)
 class Sizes:
-    """How big and how long each row runs. FULL fits `make bench` in ~10 minutes on a
-    2-core CPU; QUICK only checks the machinery (numbers are not meaningful)."""
+    """How big and how long each row runs. FULL fits `make bench` in 15 minutes on a
+    quiet 2-core CPU, the sampling row's model trained from nothing included; QUICK only
+    checks the machinery (numbers are not meaningful)."""
 
     quick: bool
     train_batch: int       # diffusion training batch (the demo's is 128)
@@ -254,23 +319,30 @@ class Sizes:
     sample_batch: int      # prompts in the timed sampling batch
     sample_rounds: int
     fidelity_n: int        # judged prompts per sampler
-    standin_timesteps: int  # T of the untrained stand-in model (quick mode, no demo model)
+    model_items: int       # the sampling row's model: images it trains on,
+    model_vae_steps: int   # its VAE's steps (batch 8),
+    model_unet_steps: int  # its U-Net's steps (batch model_unet_batch)
+    model_unet_batch: int
     unet_batch: int
     unet_rounds: int
     unet_steps: int
     vae_batch: int
     vae_rounds: int
     matmul_n: int
+    dist_steps: int        # timed updates per contender of the distributed row
+    dist_rounds: int
 
 
 FULL = Sizes(quick=False, train_batch=128, train_items=512, train_rounds=3, train_steps=1,
-             sample_batch=8, sample_rounds=3, fidelity_n=100, standin_timesteps=500,
+             sample_batch=8, sample_rounds=3, fidelity_n=100, model_items=4096,
+             model_vae_steps=700, model_unet_steps=600, model_unet_batch=128,
              unet_batch=128, unet_rounds=5, unet_steps=2, vae_batch=64, vae_rounds=5,
-             matmul_n=2048)
+             matmul_n=2048, dist_steps=10, dist_rounds=2)
 QUICK = Sizes(quick=True, train_batch=16, train_items=64, train_rounds=2, train_steps=1,
-              sample_batch=2, sample_rounds=2, fidelity_n=4, standin_timesteps=50,
+              sample_batch=2, sample_rounds=2, fidelity_n=4, model_items=64,
+              model_vae_steps=2, model_unet_steps=2, model_unet_batch=8,
               unet_batch=16, unet_rounds=2, unet_steps=1, vae_batch=8, vae_rounds=2,
-              matmul_n=512)
+              matmul_n=512, dist_steps=2, dist_rounds=1)
 
 
 def sizes(quick: bool) -> Sizes:

@@ -31,7 +31,7 @@ from ldmkit.io import read_json, write_json_atomic  # noqa: E402
 VARIANTS = {
     "baseline": [],
     "text1": ["unet.text_layers=1"],
-    "text2": ["unet.text_layers=2"],  # measured first with a replacing projection: see notes
+    "text2": ["unet.text_layers=2"],  # the residual side path (see models/unet.TextBlocks)
     "text2-nopool": ["unet.text_layers=2", "unet.pooled_text=false"],
     "xattn8": ["unet.cross_attn_levels=[0, 1, 2]"],
     "text2-xattn8": ["unet.text_layers=2", "unet.cross_attn_levels=[0, 1, 2]"],

@@ -1,4 +1,5 @@
-"""`make bench`: the whole benchmark suite, ~10 minutes on a quiet 2-core CPU.
+"""`make bench`: the whole benchmark suite, within 15 minutes on a quiet 2-core CPU (the
+sampling row's model trained from nothing included; about 3 minutes less once it exists).
 
     .venv/bin/python benchmarks/run_all.py                 # full suite (what make bench runs)
     .venv/bin/python benchmarks/run_all.py --quick         # tiny sizes, checks the machinery
@@ -6,11 +7,14 @@
     .venv/bin/python benchmarks/run_all.py --only unet,vae # some rows, merged into latest.json
     .venv/bin/python benchmarks/run_all.py --render        # only rewrite BENCHMARKS.md
 
-Rows: train (bench_train.py), sample (bench_sample.py), unet (bench_unet.py: diffusers
-ratio and peak utilisation), vae (bench_vae.py), rss (bench_rss.py, one subprocess per
-task). Writes benchmarks/results/latest.json and <date>.json (quick mode:
+Rows: train (bench_train.py), sample (bench_sample.py, on bench_model.py's model), unet
+(bench_unet.py: diffusers ratio and peak utilisation), vae (bench_vae.py), rss
+(bench_rss.py, one subprocess per task), distributed (bench_distributed.py: 1 against 2
+processes). Each row pins its own setup (benchlib.bench_config), not the demo config's.
+Writes benchmarks/results/latest.json and <date>.json (quick mode:
 benchmarks/results/quick/latest.json, no dated copy), profiler tables for missed targets
-beside them, and regenerates the table in BENCHMARKS.md between its markers.
+beside them, and regenerates the table in BENCHMARKS.md between its markers; a row that
+failed or was skipped says why there.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, whe
 import benchlib
 from bench_table import render, update_markdown
 
-ROWS = ("train", "sample", "unet", "vae", "rss")
+ROWS = ("train", "sample", "unet", "vae", "rss", "distributed")
 MARKDOWN = benchlib.ROOT / "BENCHMARKS.md"
 
 
@@ -42,8 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also run the optional experiments (channels_last, compile, ...)")
     ap.add_argument("--only", default="", help=f"comma list of rows: {', '.join(ROWS)}, "
                                                "experiments")
-    ap.add_argument("--model", type=Path, default=benchlib.DEMO_MODEL,
-                    help="trained pipeline folder for the sampling row")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="model folder for the sampling row (default: the suite's own, "
+                         "trained by benchmarks/bench_model.py the first time)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default benchmarks/results[/quick])")
     ap.add_argument("--markdown", type=Path, default=MARKDOWN)
@@ -69,9 +74,9 @@ def selected(args: argparse.Namespace) -> tuple[list[str], bool]:
     return rows, args.experiments or "experiments" in only
 
 
-def rss_row(sz: benchlib.Sizes, model: Path, threads: int) -> dict:
-    extra = (["--quick"] if sz.quick else []) + ["--model", str(model),
-                                                  "--threads", str(threads)]
+def rss_row(sz: benchlib.Sizes, model: Path | None, threads: int) -> dict:
+    extra = (["--quick"] if sz.quick else []) + (["--model", str(model)] if model else []) \
+        + ["--threads", str(threads)]
     out: dict = {}
     for task in ("train", "sample") if sz.quick else ("train", "train-seed", "sample"):
         info = benchlib.peak_rss_subprocess(task, extra)
@@ -89,19 +94,21 @@ def run_row(name: str, args: argparse.Namespace, sz: benchlib.Sizes, out_dir: Pa
         return train_row(sz, shared.get("text"), out_dir, force)
     if name == "sample":
         from bench_sample import sample_row
-        return sample_row(sz, shared.get("text"), args.model, out_dir, force)
+        return sample_row(sz, args.model, out_dir, force)
     if name == "unet":
         from bench_unet import unet_rows
         return unet_rows(sz, out_dir, force)
     if name == "vae":
         from bench_vae import vae_row
         return vae_row(sz)
+    if name == "distributed":
+        from bench_distributed import distributed_row
+        return distributed_row(sz)
     return rss_row(sz, args.model, args.threads)
 
 
 def run_suite(args: argparse.Namespace, rows: list[str], sz: benchlib.Sizes,
               out_dir: Path) -> dict:
-    from bench_train import demo_config
     from ldmkit.models.text import TextEncoder
 
     start = time.perf_counter()
@@ -112,9 +119,9 @@ def run_suite(args: argparse.Namespace, rows: list[str], sz: benchlib.Sizes,
                "machine": {**benchlib.machine_info(), "busy_warning": benchlib.busy_warning()},
                "sizes": dataclasses.asdict(sz),
                "row_seconds": {}}
-    shared = {}  # one text encoder for the rows that need one
-    if {"train", "sample"} & set(rows):
-        shared["text"] = TextEncoder.from_config(demo_config(sz.train_batch).text)
+    shared = {}  # the text encoder of the training row
+    if "train" in rows:
+        shared["text"] = TextEncoder.from_config(benchlib.bench_config("seed", 1).text)
     for name in rows:
         print(f"\n== bench: {name} ==", flush=True)
         for stale in out_dir.glob(f"profile_{name}_*.txt"):  # only this run's profiles stay

@@ -3,6 +3,7 @@ the BENCHMARKS.md writer and row selection. Seconds; no model is built."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -177,9 +178,9 @@ def test_benchmark_training_step_is_the_trainers_public_step_at_its_precision(tm
     from ldmkit.models.vae import AutoencoderKL
     from ldmkit.training.diffusion_step import DiffusionStep
 
-    cfg = bench_train.demo_config(2, ("unet.base_channels=16", "unet.channel_mult=[1, 2]",
-                                      "unet.cross_attn_levels=[1]", "unet.num_heads=2",
-                                      "diffusion.timesteps=20"))
+    cfg = benchlib.bench_config("seed-small", 2, (
+        "unet.base_channels=16", "unet.channel_mult=[1, 2]", "unet.cross_attn_levels=[1]",
+        "unet.num_heads=2", "diffusion.timesteps=20"))
     text = TextEncoder(str(make_tiny_bert(tmp_path)), max_length=8)
     vae = AutoencoderKL(cfg.vae)
     init = UNet(cfg.unet, 4, text.hidden_size).state_dict()
@@ -210,3 +211,68 @@ def test_shard_cache_benchmark_captions_are_fixed_and_few():
     assert len(items) == 1_000_000
     with pytest.raises(AssertionError, match="cache should have served it"):
         items[5]
+
+
+# ----------------------------------------------------------------------------- pinned setups
+
+
+def test_rows_pin_their_geometry_without_reading_the_demo_config(monkeypatch, tmp_path):
+    """The seed rows run at the seed's 64x64 -> 8x8x4 with its VAE widths, the demo rows at
+    32x32 -> 8x8x4, whatever configs/shapes-demo.toml says (here: it is gone)."""
+    from ldmkit.config import load_config
+
+    monkeypatch.setattr(benchlib, "DEMO_CONFIG", tmp_path / "missing.toml")
+    seed, demo = benchlib.bench_config("seed", 128), benchlib.bench_config("demo", 64)
+    assert (seed.data.image_size, seed.vae.downsample_factor) == (64, 8)
+    assert (demo.data.image_size, demo.vae.downsample_factor) == (32, 4)
+    assert benchlib.describe(seed)["latent"] == "4x8x8 (f = 8)"
+    assert benchlib.describe(demo)["latent"] == "4x8x8 (f = 4)"
+    assert seed.train.batch_size == 128 and seed.unet == demo.unet
+    seed_toml = load_config(benchlib.SEED_CONFIG).vae
+    assert seed.vae.architecture() == seed_toml.architecture()  # the seed's widths
+    small = benchlib.bench_config("seed-small", 8)
+    assert (small.data.image_size, small.vae.downsample_factor) == (64, 8)
+
+
+def test_the_sampling_rows_model_is_reused_only_for_the_same_recipe(monkeypatch, tmp_path):
+    import bench_model
+
+    trained = []
+
+    def fake_train(cfg, folder, text=None):
+        trained.append(cfg.train.steps)
+        (folder / "model").mkdir(parents=True, exist_ok=True)
+        (folder / "model" / "model_index.json").write_text("{}")
+        return {"date": "2031-01-02", "train_seconds": 12.0, "vae_steps": cfg.vae.steps,
+                "vae_psnr_db": 20.0, "unet_steps": cfg.train.steps, "unet_seconds": 5.0}
+
+    monkeypatch.setattr(bench_model, "MODEL_ROOT", tmp_path)
+    monkeypatch.setattr(bench_model, "train", fake_train)
+    path, how = bench_model.sample_model(benchlib.QUICK)
+    assert path == tmp_path / "sample-model-quick" / "model" and how["how"].startswith("trained")
+    assert "4x8x8 (f = 8)" in how["latent"] and "U-Net 2 steps" in how["training"]
+    assert bench_model.sample_model(benchlib.QUICK)[1]["how"].startswith("reused: trained 2031")
+    other = dataclasses.replace(benchlib.QUICK, model_unet_steps=3)
+    assert bench_model.sample_model(other)[1]["how"].startswith("trained now")
+    assert trained == [2, 3]
+
+
+def test_a_row_that_failed_or_was_not_run_keeps_its_line_and_says_why():
+    r = _results(train_speedup_vs_seed=None, train_error="RuntimeError: out of memory",
+                 unet_step_time_ratio_vs_diffusers=None)
+    text = bench_table.render(r)
+    assert "| 1 | training images/s" in text and "RuntimeError: out of memory" in text
+    assert "not run (`python benchmarks/run_all.py --only unet`)" in text
+    assert "not run (`python benchmarks/run_all.py --only distributed`)" in text
+    done = bench_table.render(_results(distributed_speedup_2_over_1=1.8, distributed_ips={
+        "1 process x 1 thread": {"median": 380.0}, "2 processes x 1 thread": {"median": 684.0}}))
+    assert "| 6 | training images/s, 2 processes over 1" in done and "1.80×" in done
+
+
+def test_the_table_names_the_geometry_each_row_ran_at():
+    text = bench_table.render(_results(
+        train_setup={"image_size": 64, "latent": "4x8x8 (f = 8)"},
+        vae_setup={"image_size": 32, "latent": "4x8x8 (f = 4)"}, vae_encode_ips_fp32={
+            "median": 1.0, "min": 1.0, "max": 1.0}))
+    assert "fast path over seed-style (64×64 → 4x8x8 (f = 8))" in text
+    assert "VAE encode images/s, fp32 (32×32 → 4x8x8 (f = 4))" in text

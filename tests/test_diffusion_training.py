@@ -112,3 +112,72 @@ def test_old_latent_caches_are_pruned_to_the_newest_few(tmp_path):
     latent_cache._prune(tmp_path, keep=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         f"latents-{i}{s}" for i in (2, 3, 4) for s in (".json", ".safetensors")]
+
+
+# ----------------------------------------------------------------------------- train.compile
+
+
+def _step_cfg(*extra):
+    return load_config(None, TINY + ["train.mixed_precision=no", "train.warmup_steps=0",
+                                     *extra])
+
+
+def _compiled_and_eager_steps(backend, *extra):
+    from ldmkit.models.unet import UNet
+    from ldmkit.training.diffusion_step import DiffusionStep
+
+    null = TextEmbeddings(torch.zeros(1, 6, 16), torch.ones(1, 6, dtype=torch.bool))
+    torch.manual_seed(0)
+    init = UNet(_step_cfg().unet, 4, 16).state_dict()
+    steps = {}
+    for mode in ("off", "default"):
+        cfg = _step_cfg(f"train.compile={mode}", *extra)
+        unet = UNet(cfg.unet, 4, 16)
+        unet.load_state_dict(init)
+        steps[mode] = DiffusionStep(unet, cfg, null, compile_backend=backend)
+    return steps
+
+
+def test_train_compile_is_off_by_default_and_only_takes_torch_compile_modes():
+    from ldmkit.errors import ConfigError
+
+    assert load_config(None).train.compile == "off"
+    assert _step_cfg("train.compile=reduce-overhead").train.compile == "reduce-overhead"
+    with pytest.raises(ConfigError, match="train.compile = 'cudagraphs' is not one of"):
+        _step_cfg("train.compile=cudagraphs")
+
+
+def test_compiled_step_traces_the_unet_once_without_breaks_and_matches_eager():
+    """Three updates through torch.compile (TorchDynamo with a counting backend that runs
+    the captured graph as is): one graph, never recompiled, and the same losses and weights
+    as the eager step from the same draws."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    steps = _compiled_and_eager_steps(counter)
+    assert steps["off"].model is steps["off"].unet  # off: nothing wraps the U-Net
+    assert steps["default"].model is not steps["default"].unet
+    for _ in range(3):
+        latents = torch.randn(4, 4, 4, 4)
+        text = TextEmbeddings(torch.randn(4, 6, 16), torch.rand(4, 6) > 0.3)
+        draws = steps["off"].draw(latents)
+        losses = {mode: step(latents, text, draws) for mode, step in steps.items()}
+        torch.testing.assert_close(losses["default"], losses["off"], rtol=0, atol=1e-6)
+    assert counter.frame_count == 1  # one graph: no graph breaks, no recompiles
+    for a, b in zip(steps["off"].ema.parameters(), steps["default"].ema.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_reduce_overhead_marks_a_new_cuda_graph_step_before_every_forward(monkeypatch):
+    from ldmkit.models.unet import UNet
+    from ldmkit.training.diffusion_step import DiffusionStep
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    cfg = _step_cfg("train.compile=reduce-overhead", "train.grad_accum_steps=2")
+    null = TextEmbeddings(torch.zeros(1, 6, 16), torch.ones(1, 6, dtype=torch.bool))
+    step = DiffusionStep(UNet(cfg.unet, 4, 16), cfg, null, compile_backend="eager")
+    step(torch.randn(4, 4, 4, 4), TextEmbeddings(torch.randn(4, 6, 16),
+                                                 torch.ones(4, 6, dtype=torch.bool)))
+    assert len(marks) == 2  # one per micro-batch

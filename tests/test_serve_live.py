@@ -80,7 +80,7 @@ def test_serve_refuses_cuda_where_there_is_none(model_dir, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert main(["serve", "--model", str(model_dir), "--device", "cuda"]) == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+    assert "--device cuda: no CUDA device" in capsys.readouterr().err
 
 
 def test_serve_refuses_a_port_in_use_and_a_missing_model(model_dir, tmp_path, capsys):

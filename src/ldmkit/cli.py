@@ -55,13 +55,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, resolve=False)  # the demo layers its own defaults (demo_config)
     p.set_defaults(handler="ldmkit.demo:cli_demo")
 
+    p = sub.add_parser("demo-emoji", help="the demo on real images: emoji data (npm), VAE, "
+                                          "U-Net, generation, emoji judge, report")
+    p.add_argument("--out", default="runs/emoji")
+    p.add_argument("--data", default="runs/emoji-data",
+                   help="emoji folder; written by `ldmkit data emoji` when missing")
+    p.add_argument("--vendors", default=None, help="comma-separated: google, twitter")
+    p.add_argument("--archive", nargs="+", metavar="FILE.tgz",
+                   help="emoji-datasource-<vendor> archives instead of npm pack")
+    p.add_argument("--allow-unpinned", action="store_true")
+    p.add_argument("--judge", default=None, help="emoji judge .safetensors (default: shipped)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (tests)")
+    _add_device_arg(p, "generation and judging (training follows Accelerate)")
+    _add_config_args(p, resolve=False)  # the demo layers its own defaults (emoji_config)
+    p.set_defaults(handler="ldmkit.emoji_demo:cli_demo_emoji")
+
     p = sub.add_parser("config", help="inspect configs")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = csub.add_parser("show", help="print the resolved, validated config as JSON")
     _add_config_args(show)
     show.set_defaults(handler="ldmkit.cli:cli_config_show")
 
-    p = sub.add_parser("data", help="check or preview datasets")
+    p = sub.add_parser("data", help="check, preview or write datasets (emoji)")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     check = dsub.add_parser("check", help="read every item and report problems")
     _add_data_args(check)
@@ -74,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--n", type=int, default=16)
     _add_config_args(preview)
     preview.set_defaults(handler="ldmkit.data.check:cli_preview")
+    emoji = dsub.add_parser("emoji", help="write the emoji image folder (npm packages of "
+                                          "Noto Emoji and Twemoji, pinned; see data/emoji.py)")
+    emoji.add_argument("--out", required=True, help="folder to write (train/, heldout/, ...)")
+    emoji.add_argument("--vendors", default=None,
+                       help="comma-separated: google, twitter (default: both, or the archives')")
+    emoji.add_argument("--archive", nargs="+", metavar="FILE.tgz",
+                       help="use these emoji-datasource-<vendor> archives instead of npm pack")
+    emoji.add_argument("--allow-unpinned", action="store_true",
+                       help="accept archives of versions other than the pinned ones (unverified)")
+    emoji.set_defaults(handler="ldmkit.data.emoji:cli_emoji")
 
     p = sub.add_parser("train-vae", help="stage 1: train the KL-VAE")
     p.add_argument("--out", default="runs/vae", help="run directory")

@@ -129,6 +129,10 @@ class TrainConfig:
     warmup_steps: int = _opt(100, lo=0)
     grad_clip: float = _opt(1.0, lo=0.0, doc="0 = off")
     mixed_precision: str = _opt("auto", choices=("auto", "no", "bf16", "fp16"))
+    compile: str = _opt("off", choices=("off", "default", "reduce-overhead"),
+                        doc="torch.compile the U-Net's training forward (stage 2): "
+                            "reduce-overhead adds CUDA graphs on a GPU; off on a CPU, where "
+                            "it does not pay (BENCHMARKS.md)")
     ema_decay: float = _opt(0.999, lo=0.0, hi=1.0)
     use_cache: bool = _opt(True, doc="cache latents and text embeddings once")
     log_every: int = _opt(25, lo=1)

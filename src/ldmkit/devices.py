@@ -21,11 +21,14 @@ def resolve_device(spec: str | torch.device = "auto", flag: str = "--device") ->
         return torch.device("cpu")
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"{flag} {spec}: CUDA is not available here (torch "
-                            f"{torch.__version__}); use {flag} cpu or auto")
-        index = spec.partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise UserError(f"{flag} {spec}: there are {torch.cuda.device_count()} CUDA "
-                            "devices")
+            raise UserError(f"{flag} {spec}: no CUDA device here (torch {torch.__version__} "
+                            f"sees none); use {flag} cpu or auto")
+        kind, colon, index = spec.partition(":")
+        if kind != "cuda" or colon and not index.isdigit():
+            raise UserError(f"{flag} {spec!r}: expected {DEVICE_HELP}")
+        count = torch.cuda.device_count()
+        if colon and int(index) >= count:
+            raise UserError(f"{flag} {spec}: no CUDA device {index} here (this machine has "
+                            f"{count}: cuda:0 to cuda:{count - 1})")
         return torch.device(spec)
     raise UserError(f"{flag} {spec!r}: expected {DEVICE_HELP}")

@@ -14,6 +14,12 @@ Inside `train_diffusion` the step gets the run's Accelerator, which then owns mi
 precision, gradient sync (once per update, on the last micro-batch) and loss scaling.
 Without one it runs plain PyTorch with bf16 autocast when asked: that lets a benchmark
 alternate precisions in one process, which Accelerate's process-wide state does not allow.
+
+train.compile puts the U-Net's forward (the Accelerator's wrapper, if any) under
+torch.compile; "reduce-overhead" also replays it as CUDA graphs on a GPU, where a small
+U-Net's step is otherwise bound by Python and kernel launches. Nothing in the step reads a
+value back to the host, and the draws made on the CPU go to the device without waiting for
+it (benchmarks/gpu_check.py checks the step with CUDA's sync debug mode).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ def drop_captions(text: TextEmbeddings, null: TextEmbeddings, p_uncond: float,
     `drop` (bool per caption) replaces the draw."""
     if drop is None:
         drop = torch.rand(len(text)) < p_uncond
-    return text.where(~drop.to(text.tokens.device), null)
+    return text.where(~drop.to(text.tokens.device, non_blocking=True), null)
 
 
 def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, latents: torch.Tensor,
@@ -50,7 +56,8 @@ def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, latents: torch.Ten
     """Weighted MSE to the eps or v target at uniformly drawn timesteps (or the given `t`
     and `noise`). `text` is used as given: caption dropout happens before."""
     if t is None:
-        t = torch.randint(0, schedule.timesteps, (latents.shape[0],)).to(latents.device)
+        t = torch.randint(0, schedule.timesteps, (latents.shape[0],)).to(
+            latents.device, non_blocking=True)
     if noise is None:
         noise = torch.randn_like(latents)
     x_t = schedule.q_sample(latents, t, noise)
@@ -74,7 +81,8 @@ class Draws:
     def draw(latents: torch.Tensor, p_uncond: float, timesteps: int) -> Draws:
         n = latents.shape[0]
         drop = torch.rand(n) < p_uncond
-        t = torch.randint(0, timesteps, (n,)).to(latents.device)
+        # drawn on the CPU (the same draws on any device); the copy does not wait for it
+        t = torch.randint(0, timesteps, (n,)).to(latents.device, non_blocking=True)
         return Draws(drop, t, torch.randn_like(latents))
 
     @staticmethod
@@ -100,6 +108,20 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
 
 
+def compile_unet(model: nn.Module, mode: str, backend: str | Callable = "inductor"
+                 ) -> nn.Module:
+    """`model` under torch.compile in train.compile's `mode`, or `model` itself for "off".
+    Static shapes (dynamic=False): a training batch keeps its shape, and a new one (say a
+    shorter last micro-batch) compiles once more. backend="eager" only traces (TorchDynamo,
+    no generated code): for tests and gpu_check's CPU dry run, where inductor's C++ build
+    of even a tiny U-Net takes minutes."""
+    if mode == "off":
+        return model
+    if backend != "inductor":  # other backends take no mode
+        return torch.compile(model, backend=backend, dynamic=False)
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+
+
 def ema_decay(step: int, target: float) -> float:
     """Ramp the EMA decay up from 0 so early weights don't freeze the average (as in
     many DDPM codebases: min(target, (1 + step) / (10 + step)))."""
@@ -109,10 +131,12 @@ def ema_decay(step: int, target: float) -> float:
 class DiffusionStep:
     """Owns what one update touches: the U-Net, its EMA copy, AdamW, the LR schedule and
     the noise schedule. `progress(step) -> [0, 1]` drives the LR's cosine when a run is
-    bounded by minutes (see `Budget.progress`); by default it follows cfg.train.steps."""
+    bounded by minutes (see `Budget.progress`); by default it follows cfg.train.steps.
+    `compile_backend` is torch.compile's backend when cfg.train.compile is on."""
 
     def __init__(self, unet: nn.Module, cfg: Config, null: TextEmbeddings, accelerator=None,
-                 progress: Callable[[int], float] | None = None):
+                 progress: Callable[[int], float] | None = None,
+                 compile_backend: str | Callable = "inductor"):
         t = cfg.train
         self.cfg, self.unet, self.accelerator = cfg, unet, accelerator
         self.ema = copy.deepcopy(unet).requires_grad_(False).eval()
@@ -122,6 +146,8 @@ class DiffusionStep:
         self.model = unet  # what forward runs: the Accelerator's wrapper when there is one
         if accelerator is not None:
             self.model, self.optimizer = accelerator.prepare(unet, self.optimizer)
+        self.model = compile_unet(self.model, t.compile, compile_backend)
+        self._cuda_graphs = t.compile == "reduce-overhead"
         self.null = null.to(next(unet.parameters()).device)
         self.step = 0  # optimiser updates done (set by the trainer on resume)
         self._bf16 = accelerator is None and _plain_bf16(t.mixed_precision)
@@ -155,6 +181,8 @@ class DiffusionStep:
         total = torch.zeros((), device=latents.device)
         for i, (lat, txt, dr) in enumerate(parts):
             with self._no_sync(last=i == len(parts) - 1):
+                if self._cuda_graphs:  # a new forward: the graphs' last outputs are spent
+                    torch.compiler.cudagraph_mark_step_begin()
                 txt = drop_captions(txt, self.null, d.p_uncond, dr.drop)
                 loss = diffusion_loss(self.model, self.schedule, lat, txt, d, self.autocast,
                                       dr.t, dr.noise)

@@ -1,0 +1,71 @@
+"""The emoji demo, seconds long on made-up archives with a judge trained for them: every
+stage runs, every picture the report links exists, evaluation.json has its promised keys.
+(The quality numbers come from the full `make demo-emoji`, not from here.)"""
+
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from _emoji_archive import make_archive
+from ldmkit.cli import main
+from ldmkit.data.emoji import build_emoji_folder, load_split
+from ldmkit.evaluation.emoji_judge import Classes, save_emoji_judge, train_emoji_judge
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("emoji-demo")
+    archives = [make_archive(tmp, "google"), make_archive(tmp, "twitter")]
+    folder = build_emoji_folder(tmp / "data", archives=archives, allow_unpinned=True,
+                                log=lambda m: None)
+    splits = [load_split(folder.train), load_split(folder.heldout)]
+    rows = splits[0].rows + splits[1].rows
+    classes = Classes.from_rows(rows)
+    judge = train_emoji_judge(torch.cat([s.images for s in splits]),
+                              classes.labels([r["base"] for r in rows]), classes.sizes(),
+                              steps=2, batch_size=8, width=8, hidden=16)
+    save_emoji_judge(judge, classes, tmp / "judge.safetensors", {})
+    out = tmp / "run"
+    assert main(["demo-emoji", "--tiny", "--out", str(out), "--data", str(tmp / "data"),
+                 "--judge", str(tmp / "judge.safetensors")]) == 0
+    return out
+
+
+def test_tiny_emoji_demo_report_links_pictures_that_exist_and_open(demo_dir):
+    report = (demo_dir / "report.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    assert len(links) >= 10
+    for link in links:
+        path = demo_dir / link
+        assert path.is_file(), link
+        if path.suffix in (".png", ".gif"):
+            with Image.open(path) as image:
+                image.verify()
+    assert "Apache License 2.0" in report and "CC-BY 4.0" in report
+
+
+def test_tiny_emoji_demo_evaluation_json_has_the_promised_keys(demo_dir):
+    result = json.loads((demo_dir / "evaluation.json").read_text())
+    for key in ("vae_psnr", "identity_top1", "identity_top5", "heldout_category",
+                "heldout_subcategory", "fd_judge"):
+        assert isinstance(result[key], float), key
+    assert [r["guidance"] for r in result["guidance_sweep"]] == [1.0, 3.0, 5.0]
+    assert result["setting"] == {"sampler": "dpmpp-2m", "steps": 20, "guidance": 5.0}
+    assert {"judge_on_heldout_real", "judge_on_heldout_vae_roundtrip"} <= set(result)
+
+
+def test_an_unknown_judge_for_the_data_is_refused_before_training(tmp_path, capsys):
+    folder = build_emoji_folder(tmp_path / "data", archives=[make_archive(tmp_path)],
+                                allow_unpinned=True, log=lambda m: None)
+    rows = load_split(folder.train).rows[:3]  # a judge that knows only a few emoji
+    classes = Classes.from_rows(rows)
+    judge = train_emoji_judge(load_split(folder.train).images[:3],
+                              classes.labels([r["base"] for r in rows]), classes.sizes(),
+                              steps=1, batch_size=2, width=8, hidden=8)
+    save_emoji_judge(judge, classes, tmp_path / "j.safetensors", {})
+    assert main(["demo-emoji", "--tiny", "--out", str(tmp_path / "run"), "--data",
+                 str(tmp_path / "data"), "--judge", str(tmp_path / "j.safetensors")]) == 2
+    assert "does not know" in capsys.readouterr().err
