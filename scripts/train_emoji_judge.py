@@ -2,7 +2,7 @@
 
     ldmkit data emoji --out data/emoji                      # the images (npm, pinned)
     .venv/bin/python scripts/train_emoji_judge.py --data data/emoji --threads 1
-        # -> src/ldmkit/evaluation/emoji_judge.safetensors + emoji_judge.json
+        # -> src/ldmkit/evaluation/emoji_judge.safetensors.xz + emoji_judge.json
 
 First measures how far such a judge can be trusted on real images it never trained on:
 one judge per vendor, each trained on that vendor's artwork and tested on the other's

@@ -166,3 +166,17 @@ def test_only_the_newest_checkpoints_are_kept_and_latest_points_at_the_last(tmp_
     assert (tmp_path / "latest").read_text().strip() == "step-00000010"
     save_checkpoint(tmp_path, 10, modules, opt, sched, extra={"again": True})  # re-save a step
     assert load_latest_checkpoint(tmp_path).extra == {"again": True}
+
+
+def test_packed_weights_load_exactly_through_the_plain_name_and_corruption_is_named(tmp_path):
+    from ldmkit.io import load_tensors, save_tensors_packed_atomic
+
+    tensors = {"w": torch.randn(64, 64).half(), "b": torch.arange(5)}
+    packed = save_tensors_packed_atomic(tmp_path / "m.safetensors", tensors)
+    assert packed.name == "m.safetensors.xz" and not (tmp_path / "m.safetensors").exists()
+    loaded = load_tensors(tmp_path / "m.safetensors")
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    packed.write_bytes(packed.read_bytes()[:100])
+    with pytest.raises(UserError, match="m.safetensors.xz: corrupted"):
+        load_tensors(tmp_path / "m.safetensors")

@@ -74,7 +74,6 @@ def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
     assert frechet_distance(x, 2 * x) == pytest.approx(expected, abs=1e-3)
 
 
-@pytest.mark.skipif(not default_weights_path().is_file(), reason="no shipped emoji judge")
 def test_the_shipped_judge_loads_and_reports_how_far_to_trust_it():
     judge, classes = load_emoji_judge()
     meta = json.loads(default_weights_path().with_suffix(".json").read_text())

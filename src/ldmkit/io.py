@@ -4,6 +4,7 @@ And loaders that never unpickle: weights are safetensors, everything else JSON."
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import tempfile
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from ldmkit.errors import UserError
 
@@ -59,9 +60,31 @@ def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor],
     atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))
 
 
+# Weights shipped inside the package may be lzma-compressed as NAME.safetensors.xz
+# (lossless): it keeps every packaged file small. Loading NAME.safetensors finds it.
+PACKED = ".xz"
+
+
+def save_tensors_packed_atomic(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write `path` + ".xz": the safetensors bytes, lzma-compressed. Returns that path."""
+    packed = Path(str(path) + PACKED)
+    data = save({k: v.detach().contiguous().clone() for k, v in tensors.items()})
+    blob = lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    atomic_write(packed, lambda tmp: tmp.write_bytes(blob))
+    return packed
+
+
 def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file, turning any corruption into a UserError naming the file."""
+    """Load a safetensors file (or its packed NAME.xz twin when only that exists),
+    turning any corruption into a UserError naming the file."""
     path = Path(path)
+    packed = Path(str(path) + PACKED)
+    if not path.is_file() and packed.is_file():
+        try:
+            return {k: v.to(device) for k, v in load(lzma.decompress(packed.read_bytes())).items()}
+        except (lzma.LZMAError, SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{packed}: corrupted or unreadable packed safetensors file "
+                            f"({exc})") from None
     if not path.is_file():
         raise UserError(f"{path}: weights file not found")
     try:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ldmkit.errors import UserError
 from ldmkit.evaluation.judge import augment
-from ldmkit.io import load_state_into, read_json, save_tensors_atomic, write_json_atomic
+from ldmkit.io import load_state_into, read_json, save_tensors_packed_atomic, write_json_atomic
 from ldmkit.models.layers import group_norm
 
 IMAGE_SIZE = 64
@@ -224,10 +224,11 @@ def default_weights_path() -> Path:
 
 
 def save_emoji_judge(judge: EmojiJudge, classes: Classes, path: str | Path, meta: dict) -> None:
-    """Weights as float16 safetensors (half the size; the judge reads the same), and
-    beside them a JSON file with the architecture, the label tables and `meta`."""
+    """Weights as float16 safetensors (half the size; the judge reads the same), packed
+    as `path`.xz (lossless; keeps the shipped file under 5 MB), and beside them a JSON
+    file with the architecture, the label tables and `meta`."""
     path = Path(path)
-    save_tensors_atomic(path, {k: v.half() for k, v in judge.state_dict().items()})
+    save_tensors_packed_atomic(path, {k: v.half() for k, v in judge.state_dict().items()})
     write_json_atomic(path.with_suffix(".json"), {"architecture": judge.config, **meta,
                                                   "classes": classes.to_json()})
 
