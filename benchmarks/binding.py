@@ -9,6 +9,11 @@ do, and the JSON says what the load was).
 
     python benchmarks/binding.py --steps 500 --seeds 0 1 --variants baseline text2
     -> benchmarks/results/binding.json (merged: reruns replace their own rows)
+
+On a GPU machine the training step is host-bound (issue 16), so one GPU runs many variants
+at once: `--jobs N` trains each (variant, seed) in its own process, N at a time, within
+`--deadline-s`; `--vae-from DIR` reuses VAEs trained elsewhere (DIR/vae-<seed>/model), so a
+sweep can start from the CPU's own VAEs. A variant may pin its own step budget.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,43 +48,60 @@ VARIANTS = {
     "two70": ["data.two_object_fraction=0.7"],
     "two70-text1": ["data.two_object_fraction=0.7", "unet.text_layers=1",
                     "unet.text_width=128"],
+    # captions are at most 13 MiniLM tokens: 24 positions pay cross-attention for padding
+    "len16": ["text.max_length=16"],
+    "len16-2000": ["text.max_length=16", "train.steps=2000"],
+    "text1w128-len16": ["text.max_length=16", "unet.text_layers=1", "unet.text_width=128"],
+    "text2w128-len16": ["text.max_length=16", "unet.text_layers=2", "unet.text_width=128"],
+    "text2w128-len16-nopool": ["text.max_length=16", "unet.text_layers=2",
+                               "unet.text_width=128", "unet.pooled_text=false"],
+    "text2w128-len16-1800": ["text.max_length=16", "unet.text_layers=2",
+                             "unet.text_width=128", "train.steps=1800"],
+    "layers03-len16": ["text.max_length=16", "text.hidden_layers=[0, 3]"],
+    "layers013-len16": ["text.max_length=16", "text.hidden_layers=[0, 3, -1]"],
+    "lr12-len16": ["text.max_length=16", "train.lr=1.2e-3"],
+    "two65-len16": ["text.max_length=16", "data.two_object_fraction=0.65"],
 }
 OUT = RESULTS_DIR / "binding.json"
 
 
 def run_variant(name: str, seed: int, steps: int, vae_dir: Path, train_set, work: Path,
-                n: int, snapshots: tuple[float, ...] = ()) -> dict:
+                n: int, snapshots: tuple[float, ...] = (), cache: str = "cache") -> dict:
     from ldmkit.diffusion.registry import HEADLINE
     from ldmkit.evaluation.fidelity import PROMPT_SETS, Entry, FidelityEvaluator
     from ldmkit.pipeline import TextToImagePipeline
     from ldmkit.training.diffusion_trainer import train_diffusion
 
-    cfg = load_config(DEMO_CONFIG, VARIANTS[name] + [
+    cfg = load_config(DEMO_CONFIG, [
         f"train.steps={steps}", "train.minutes=0", f"train.seed={seed}", f"data.seed={seed}",
-        f"text.cache_dir={json.dumps(str(work / 'cache'))}", "train.sample_every=100000",
-        "train.checkpoint_every=100000"])
+        f"text.cache_dir={json.dumps(str(work / cache))}", "train.sample_every=100000",
+        "train.checkpoint_every=100000"] + VARIANTS[name])  # a variant's own steps win
     load = os.getloadavg()[0]
     run = train_diffusion(cfg, vae_dir, work / f"{name}-{seed}-{steps}", dataset=train_set,
                           snapshot_at=snapshots)
     pipe = TextToImagePipeline.from_pretrained(run.model_dir)
     evaluator = FidelityEvaluator()
     entries = [Entry(s, HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance, n)
-               for s in PROMPT_SETS] + [Entry("two", HEADLINE.sampler, HEADLINE.steps, 1.0, n)]
+               for s in PROMPT_SETS] + [Entry("two", HEADLINE.sampler, HEADLINE.steps, 1.0, n),
+                                        Entry("single", HEADLINE.sampler, 10, HEADLINE.guidance, n)]
     rows, _ = evaluator.evaluate(pipe, entries, desc=f"{name} seed {seed}")
-    fid = {(r.prompt_set if r.guidance == HEADLINE.guidance else "two_w1"): r.fidelity
+    fid = {(r.prompt_set if r.guidance == HEADLINE.guidance and r.steps == HEADLINE.steps
+            else "two_w1" if r.guidance != HEADLINE.guidance else "single_10steps"): r.fidelity
            for r in rows}
     # when binding emerges: the two-object set at the snapshots along the way
     two = Entry("two", HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance, n)
     curve = {str(snap.step): evaluator.evaluate(pipe.with_unet(snap.unet), [two],
                                                 desc=f"step {snap.step}")[0][0].fidelity
              for snap in run.snapshots}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"variant": name, "overrides": VARIANTS[name], "seed": seed, "steps": run.steps,
+            "device": device, "threads": torch.get_num_threads(),
             "seconds_per_step": round(run.train_seconds / max(run.steps, 1), 3),
             "load_avg_at_start": round(load, 2), **fid, "two_by_step": curve,
             "unet_params": sum(p.numel() for p in pipe.unet.parameters())}
 
 
-def train_shared_vae(seed: int, work: Path):
+def train_shared_vae(seed: int, work: Path, vae_from: Path | None = None):
     """One VAE per data seed, at the demo's step budget, reused by every variant."""
     from ldmkit.data import build_dataset
     from ldmkit.data.memory import materialize
@@ -85,9 +110,51 @@ def train_shared_vae(seed: int, work: Path):
     cfg = load_config(DEMO_CONFIG, [f"train.seed={seed}", f"data.seed={seed}"])
     train_set = materialize(build_dataset(cfg.data, "train"), num_workers=2)
     model_dir = work / f"vae-{seed}" / "model"
+    if vae_from is not None and not model_dir.is_dir():
+        shutil.copytree(vae_from / f"vae-{seed}" / "model", model_dir)
     if (model_dir / "model.safetensors").is_file():  # a rerun into the same --work
         return model_dir, train_set
     return train_vae(cfg, work / f"vae-{seed}", dataset=train_set).model_dir, train_set
+
+
+def run_parallel(args, work: Path) -> list[dict]:
+    """Each (variant, seed) in its own process, args.jobs at a time, until the deadline:
+    a job still running then is stopped and recorded as such."""
+    deadline = time.monotonic() + args.deadline_s
+    # variant by variant, so a deadline cuts the last variants, not the last seed
+    todo = [(name, seed) for name in args.variants for seed in args.seeds]
+    running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
+    rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            name, seed = todo.pop(0)
+            cmd = [sys.executable, __file__, "--worker", "--variants", name, "--seeds",
+                   str(seed), "--steps", str(args.steps), "--n", str(args.n), "--work",
+                   str(work), "--snapshots", *map(str, args.snapshots)]
+            log = open(work / f"{name}-{seed}.log", "w")  # noqa: SIM115 (closed by the child)
+            running[(name, seed)] = (subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                      stderr=log, text=True, env=env),
+                                     time.monotonic())
+        time.sleep(1)
+        for key, (proc, began) in list(running.items()):
+            if proc.poll() is None and time.monotonic() < deadline:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+            out = proc.communicate()[0].strip().splitlines()
+            row = json.loads(out[-1]) if proc.returncode == 0 and out else \
+                {"variant": key[0], "seed": key[1], "steps": None,
+                 "error": f"exit {proc.returncode}; see {key[0]}-{key[1]}.log"}
+            row["wall_s"] = round(time.monotonic() - began, 1)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            del running[key]
+        if time.monotonic() >= deadline:
+            rows += [{"variant": n, "seed": s, "steps": None, "error": "not started: deadline"}
+                     for n, s in todo]
+            todo = []
+    return rows
 
 
 def main() -> None:
@@ -99,21 +166,46 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep models here (default: tmp)")
     ap.add_argument("--snapshots", type=float, nargs="*", default=[],
                     help="fractions of the budget at which to judge the two-object set too")
+    ap.add_argument("--jobs", type=int, default=0, help="parallel processes (0 = in this one)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per --jobs process")
+    ap.add_argument("--deadline-s", type=float, default=1e9, help="stop --jobs runs then")
+    ap.add_argument("--vae-from", type=Path, default=None, help="DIR with vae-<seed>/model")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="binding-"))
-    results = read_json(OUT, "binding results")["rows"] if OUT.is_file() else []
+    work.mkdir(parents=True, exist_ok=True)
+    if args.worker:  # one (variant, seed); its row is the last line of stdout
+        vae_dir, train_set = train_shared_vae(args.seeds[0], work)
+        print(json.dumps(run_variant(args.variants[0], args.seeds[0], args.steps, vae_dir,
+                                     train_set, work, args.n, tuple(args.snapshots),
+                                     # concurrent workers never share a cache folder
+                                     cache=f"cache-{args.variants[0]}-{args.seeds[0]}")))
+        return
+    results = read_json(args.out, "binding results")["rows"] if args.out.is_file() else []
+
+    def save(row: dict) -> None:
+        nonlocal results
+        results = [r for r in results if (r["variant"], r["seed"], r["steps"]) !=
+                   (row["variant"], row["seed"], row["steps"])] + [row]
+        write_json_atomic(args.out, {"machine": "see BENCHMARKS.md", "torch": torch.__version__,
+                                     "n_per_set": args.n, "rows": results})
+
+    if args.jobs:
+        for seed in args.seeds:  # before the workers, so they never race to train one
+            train_shared_vae(seed, work, args.vae_from)
+        for row in run_parallel(args, work):
+            save(row)
+        return
     for seed in args.seeds:
-        vae_dir, train_set = train_shared_vae(seed, work)
+        vae_dir, train_set = train_shared_vae(seed, work, args.vae_from)
         for name in args.variants:
             start = time.monotonic()
             row = run_variant(name, seed, args.steps, vae_dir, train_set, work, args.n,
                               tuple(args.snapshots))
             row["wall_s"] = round(time.monotonic() - start, 1)
             print(json.dumps(row), flush=True)
-            results = [r for r in results if (r["variant"], r["seed"], r["steps"]) !=
-                       (name, seed, args.steps)] + [row]
-            write_json_atomic(OUT, {"machine": "see BENCHMARKS.md", "torch": torch.__version__,
-                                    "n_per_set": args.n, "rows": results})
+            save(row)
 
 
 if __name__ == "__main__":

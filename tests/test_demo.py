@@ -49,3 +49,31 @@ def test_tiny_demo_model_folder_loads_and_timings_are_recorded(demo_dir):
     assert pipe("a red circle", num_inference_steps=2)[0].size == (32, 32)
     timings = json.loads((demo_dir / "timings.json").read_text())
     assert {"data", "vae", "unet", "generate and judge", "total", "peak_rss_mb"} <= set(timings)
+
+
+def test_evaluation_json_holds_no_wall_times_and_timings_json_does(demo_dir):
+    text = (demo_dir / "evaluation.json").read_text()
+    assert '"seconds"' not in text and '"elapsed_s"' not in text
+    rows = json.loads((demo_dir / "timings.json").read_text())["evaluation_rows_s"]
+    assert len(rows["final"]) == len(json.loads(text)["fidelity"])
+    assert all(seconds >= 0 for _, seconds in rows["final"])
+    assert rows["early_checkpoint_elapsed_s"] > 0
+
+
+def test_the_same_command_under_cpu_load_writes_the_same_evaluation_json(demo_dir, tmp_path):
+    """Budgets are steps: a busy machine takes longer but trains and judges the same model."""
+    import multiprocessing
+
+    burner = multiprocessing.get_context("spawn").Process(target=_burn, daemon=True)
+    burner.start()
+    try:
+        assert main(["demo", "--tiny", "--out", str(tmp_path / "again")]) == 0
+    finally:
+        burner.terminate()
+    for name in ("evaluation.json", "model/unet/model.safetensors"):
+        assert (tmp_path / "again" / name).read_bytes() == (demo_dir / name).read_bytes(), name
+
+
+def _burn() -> None:
+    while True:
+        sum(i * i for i in range(10_000))

@@ -151,7 +151,8 @@ def run_demo(args: argparse.Namespace) -> Path:
     command = _command(args)
     (out / "report.md").write_text(format_report(cfg, command, vae_run, unet_run, evaluation,
                                                  timings))
-    write_json_atomic(out / "timings.json", timings)
+    write_json_atomic(out / "timings.json", {**timings,
+                                             "evaluation_rows_s": evaluation.wall_times()})
     print("\n" + "\n".join(f"{k:>20s}: {v}" for k, v in timings.items()))
     print(f"\nreport: {out / 'report.md'}")
     return out

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from ldmkit.diffusion.registry import HEADLINE
 from ldmkit.evaluation.emoji_judge import Classes, EmojiJudge, frechet_distance, read
+from ldmkit.evaluation.fidelity import row_seconds, without_wall_times
 
 GUIDANCE_SWEEP = (1.0, 3.0, HEADLINE.guidance)
 NOISE_SEED = 7
@@ -66,8 +67,12 @@ class EmojiEvaluation:
         return {"vae_psnr": self.vae_psnr, **top,
                 "setting": {"sampler": head.sampler, "steps": head.steps,
                             "guidance": head.guidance},
-                "guidance_sweep": [asdict(r) for r in self.rows], "judge": self.judge,
-                **self.extra}
+                "guidance_sweep": [without_wall_times(r) for r in self.rows],
+                "judge": self.judge, **self.extra}
+
+    def wall_times(self) -> dict:
+        """What evaluation.json leaves out: seconds per row, for timings.json."""
+        return {"final": row_seconds(self.rows)}
 
 
 @dataclass

@@ -78,10 +78,37 @@ class Evaluation:
 
     def to_json(self) -> dict:
         result = {"judge_accuracy": self.judge_accuracy,
-                  "fidelity": [asdict(r) for r in self.fidelity]}
+                  "fidelity": [without_wall_times(r) for r in self.fidelity]}
         if self.early_checkpoint is not None:
-            result["early_checkpoint"] = asdict(self.early_checkpoint)
+            early = self.early_checkpoint
+            result["early_checkpoint"] = {"step": early.step, "fidelity": [
+                without_wall_times(r) for r in early.fidelity]}
         return {**result, **self.extra}
+
+    def wall_times(self) -> dict:
+        """What evaluation.json leaves out: seconds per row, for timings.json."""
+        times = {"final": row_seconds(self.fidelity)}
+        if self.early_checkpoint is not None:
+            times["early_checkpoint"] = row_seconds(self.early_checkpoint.fidelity)
+            times["early_checkpoint_elapsed_s"] = self.early_checkpoint.elapsed_s
+        return times
+
+
+# Wall times depend on the machine and its load; evaluation.json keeps only what the step
+# budgets fix, so the same command writes the same file on any machine (same torch build)
+# and the times go to timings.json.
+WALL_TIME_KEYS = frozenset({"seconds", "elapsed_s"})
+
+
+def without_wall_times(row) -> dict:
+    return {k: v for k, v in asdict(row).items() if k not in WALL_TIME_KEYS}
+
+
+def row_seconds(rows) -> list[list]:
+    """[what the row measured, its wall time] per row, in evaluation.json's order."""
+    return [[" ".join(f"{k}={v}" for k, v in without_wall_times(r).items()
+                      if k in ("prompt_set", "sampler", "steps", "guidance")), r.seconds]
+            for r in rows]
 
 
 def guidance_entries(n: int, n_other: int | None = None) -> list[Entry]:
