@@ -61,6 +61,10 @@ VARIANTS = {
     "layers013-len16": ["text.max_length=16", "text.hidden_layers=[0, 3, -1]"],
     "lr12-len16": ["text.max_length=16", "train.lr=1.2e-3"],
     "two65-len16": ["text.max_length=16", "data.two_object_fraction=0.65"],
+    # held-out pairs: a pooled caption is one vector for "purple triangle", never seen
+    "len16-2000-nopool": ["text.max_length=16", "train.steps=2000", "unet.pooled_text=false"],
+    # ... and MiniLM's last layer mixes "purple" into "triangle"; its embedding layer does not
+    "len16-2000-layer0": ["text.max_length=16", "train.steps=2000", "text.hidden_layers=[0]"],
 }
 OUT = RESULTS_DIR / "binding.json"
 
@@ -125,36 +129,45 @@ def run_parallel(args, work: Path) -> list[dict]:
     todo = [(name, seed) for name in args.variants for seed in args.seeds]
     running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
     rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     while todo or running:
         while todo and len(running) < args.jobs:
-            name, seed = todo.pop(0)
-            cmd = [sys.executable, __file__, "--worker", "--variants", name, "--seeds",
-                   str(seed), "--steps", str(args.steps), "--n", str(args.n), "--work",
-                   str(work), "--snapshots", *map(str, args.snapshots)]
-            log = open(work / f"{name}-{seed}.log", "w")  # noqa: SIM115 (closed by the child)
-            running[(name, seed)] = (subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                                      stderr=log, text=True, env=env),
-                                     time.monotonic())
+            key = todo.pop(0)
+            running[key] = (_start_worker(args, work, *key), time.monotonic())
         time.sleep(1)
+        late = time.monotonic() >= deadline
         for key, (proc, began) in list(running.items()):
-            if proc.poll() is None and time.monotonic() < deadline:
+            if proc.poll() is None and not late:
                 continue
-            if proc.poll() is None:
-                proc.kill()
-            out = proc.communicate()[0].strip().splitlines()
-            row = json.loads(out[-1]) if proc.returncode == 0 and out else \
-                {"variant": key[0], "seed": key[1], "steps": None,
-                 "error": f"exit {proc.returncode}; see {key[0]}-{key[1]}.log"}
+            row = _collect(proc, *key)
             row["wall_s"] = round(time.monotonic() - began, 1)
             print(json.dumps(row), flush=True)
             rows.append(row)
             del running[key]
-        if time.monotonic() >= deadline:
+        if late:
             rows += [{"variant": n, "seed": s, "steps": None, "error": "not started: deadline"}
                      for n, s in todo]
             todo = []
     return rows
+
+
+def _start_worker(args, work: Path, name: str, seed: int) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--worker", "--variants", name, "--seeds", str(seed),
+           "--steps", str(args.steps), "--n", str(args.n), "--work", str(work),
+           "--snapshots", *map(str, args.snapshots)]
+    with open(work / f"{name}-{seed}.log", "w") as log:  # the child keeps its own handle
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+
+
+def _collect(proc: subprocess.Popen, name: str, seed: int) -> dict:
+    """The worker's row (the last line it printed), or why there is none."""
+    if proc.poll() is None:
+        proc.kill()
+    out = proc.communicate()[0].strip().splitlines()
+    if proc.returncode == 0 and out:
+        return json.loads(out[-1])
+    return {"variant": name, "seed": seed, "steps": None,
+            "error": f"exit {proc.returncode}; see {name}-{seed}.log"}
 
 
 def main() -> None:

@@ -276,3 +276,23 @@ def test_the_table_names_the_geometry_each_row_ran_at():
             "median": 1.0, "min": 1.0, "max": 1.0}))
     assert "fast path over seed-style (64×64 → 4x8x8 (f = 8))" in text
     assert "VAE encode images/s, fp32 (32×32 → 4x8x8 (f = 4))" in text
+
+
+def test_binding_sweep_collects_a_workers_last_line_and_says_why_when_there_is_none():
+    import subprocess
+
+    import binding
+
+    def worker(code: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+    done = worker("print('progress'); print('{\"variant\": \"v\", \"two\": 0.9}')")
+    done.wait()
+    assert binding._collect(done, "v", 0) == {"variant": "v", "two": 0.9}
+    failed = worker("import sys; sys.exit(3)")
+    failed.wait()
+    assert binding._collect(failed, "v", 1)["error"].startswith("exit 3; see v-1.log")
+    hung = worker("import time; time.sleep(60)")  # past the deadline: stopped, not awaited
+    start = time.monotonic()
+    row = binding._collect(hung, "v", 2)
+    assert row["steps"] is None and time.monotonic() - start < 10
