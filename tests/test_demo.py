@@ -2,11 +2,10 @@
 (The quality numbers come from the full `make demo`, not from here.)"""
 
 import json
-import re
 
 import pytest
-from PIL import Image
 
+from _report import assert_report_pictures_open
 from ldmkit.cli import main
 
 
@@ -18,15 +17,7 @@ def demo_dir(tmp_path_factory):
 
 
 def test_tiny_demo_writes_a_report_whose_pictures_exist_and_open(demo_dir):
-    report = (demo_dir / "report.md").read_text()
-    links = re.findall(r"\]\(([^)]+)\)", report)
-    assert len(links) >= 10
-    for link in links:
-        path = demo_dir / link
-        assert path.is_file(), link
-        if path.suffix in (".png", ".gif"):
-            with Image.open(path) as image:
-                image.verify()
+    assert_report_pictures_open(demo_dir)
 
 
 def test_tiny_demo_evaluation_json_has_the_promised_shape(demo_dir):

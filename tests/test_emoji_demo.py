@@ -3,13 +3,12 @@ stage runs, every picture the report links exists, evaluation.json has its promi
 (The quality numbers come from the full `make demo-emoji`, not from here.)"""
 
 import json
-import re
 
 import pytest
 import torch
-from PIL import Image
 
 from _emoji_archive import make_archive
+from _report import assert_report_pictures_open
 from ldmkit.cli import main
 from ldmkit.data.emoji import build_emoji_folder, load_split
 from ldmkit.evaluation.emoji_judge import Classes, save_emoji_judge, train_emoji_judge
@@ -35,15 +34,7 @@ def demo_dir(tmp_path_factory):
 
 
 def test_tiny_emoji_demo_report_links_pictures_that_exist_and_open(demo_dir):
-    report = (demo_dir / "report.md").read_text()
-    links = re.findall(r"\]\(([^)]+)\)", report)
-    assert len(links) >= 10
-    for link in links:
-        path = demo_dir / link
-        assert path.is_file(), link
-        if path.suffix in (".png", ".gif"):
-            with Image.open(path) as image:
-                image.verify()
+    report = assert_report_pictures_open(demo_dir)
     assert "Apache License 2.0" in report and "CC-BY 4.0" in report
 
 

@@ -22,7 +22,7 @@ import torch
 from ldmkit.config import Config, load_config
 from ldmkit.devices import resolve_device
 from ldmkit.diffusion.registry import HEADLINE
-from ldmkit.io import write_json_atomic
+from ldmkit.io import atomic_write, write_json_atomic
 from ldmkit.report import headline_setting
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes-demo.toml"
@@ -49,6 +49,22 @@ class Stopwatch:
     @property
     def total(self) -> float:
         return round(time.monotonic() - self._start, 1)
+
+    def timings(self, **extra) -> dict:
+        """Stage times, total, peak memory, what `extra` adds, and the machine."""
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {**self.times, "total": self.total, "peak_rss_mb": round(peak_mb), **extra,
+                "machine": machine()}
+
+
+def write_run_summary(out: Path, report: str, timings: dict, evaluation) -> None:
+    """report.md and timings.json (with the evaluation's per-row wall times, which
+    evaluation.json leaves out), then the times on the console."""
+    atomic_write(out / "report.md", lambda tmp: tmp.write_text(report))
+    write_json_atomic(out / "timings.json", {**timings,
+                                             "evaluation_rows_s": evaluation.wall_times()})
+    print("\n" + "\n".join(f"{k:>20s}: {v}" for k, v in timings.items()))
+    print(f"\nreport: {out / 'report.md'}")
 
 
 def demo_config(args: argparse.Namespace) -> tuple[Config, float]:
@@ -145,16 +161,9 @@ def run_demo(args: argparse.Namespace) -> Path:
         showcase(pipe, out)
         evaluation = evaluate(pipe, unet_run.snapshots, out, tiny=args.tiny)
 
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    timings = {**watch.times, "total": watch.total, "peak_rss_mb": round(peak_mb),
-               "minutes_budget": minutes, "machine": machine()}
-    command = _command(args)
-    (out / "report.md").write_text(format_report(cfg, command, vae_run, unet_run, evaluation,
-                                                 timings))
-    write_json_atomic(out / "timings.json", {**timings,
-                                             "evaluation_rows_s": evaluation.wall_times()})
-    print("\n" + "\n".join(f"{k:>20s}: {v}" for k, v in timings.items()))
-    print(f"\nreport: {out / 'report.md'}")
+    timings = watch.timings(minutes_budget=minutes)
+    write_run_summary(out, format_report(cfg, _command(args), vae_run, unet_run, evaluation,
+                                         timings), timings, evaluation)
     return out
 
 

@@ -13,14 +13,13 @@ like it, what is written where; the numbers are in evaluation/emoji_fidelity.py.
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 from pathlib import Path
 
 import torch
 
 from ldmkit.config import Config, load_config
-from ldmkit.demo import Stopwatch, machine
+from ldmkit.demo import Stopwatch, write_run_summary
 from ldmkit.devices import resolve_device
 from ldmkit.diffusion.registry import HEADLINE
 from ldmkit.errors import UserError
@@ -115,15 +114,10 @@ def run_emoji_demo(args: argparse.Namespace) -> Path:
         evaluation = evaluate(pipe, judge, classes, train_set, heldout, out,
                               n_identity=8 if args.tiny else N_IDENTITY, judge_path=args.judge)
 
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    timings = {**watch.times, "total": watch.total, "peak_rss_mb": round(peak_mb),
-               "machine": machine()}
-    (out / "report.md").write_text(format_emoji_report(
-        cfg, _command(args), folder.counts, vae_run, unet_run, evaluation, timings))
-    write_json_atomic(out / "timings.json", {**timings,
-                                             "evaluation_rows_s": evaluation.wall_times()})
-    print("\n" + "\n".join(f"{k:>20s}: {v}" for k, v in timings.items()))
-    print(f"\nreport: {out / 'report.md'}")
+    timings = watch.timings()
+    write_run_summary(out, format_emoji_report(cfg, _command(args), folder.counts, vae_run,
+                                               unet_run, evaluation, timings),
+                      timings, evaluation)
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.resources
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.errors import UserError
-from ldmkit.evaluation.judge import augment
+from ldmkit.evaluation.judge import fit_heads
 from ldmkit.io import load_state_into, read_json, save_tensors_packed_atomic, write_json_atomic
 from ldmkit.models.layers import group_norm
 
@@ -162,23 +161,10 @@ def train_emoji_judge(images: torch.Tensor, labels: dict[str, torch.Tensor],
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
                                                 pct_start=0.1)
-    judge.train()
-    start = time.time()
-    for step in range(steps):
-        idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
-        x = augment(judge_input(images[idx]), gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = judge(x)
-        # the identity head carries the task; category heads are its coarse views
-        loss = sum(F.cross_entropy(logits[k].float(), labels[k][idx], label_smoothing=0.1)
-                   for k in HEADS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log and (step % 100 == 0 or step == steps - 1):
-            log(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - start:.0f}s")
-    return judge.eval()
+    # the identity head carries the task; category heads are its coarse views
+    return fit_heads(judge, lambda idx: judge_input(images[idx]), labels, HEADS,
+                     lambda out, target: F.cross_entropy(out, target, label_smoothing=0.1),
+                     opt, sched, steps, batch_size, gen, log=log)
 
 
 # ----------------------------------------------------------------------------- accuracy

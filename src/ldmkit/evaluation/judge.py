@@ -18,7 +18,7 @@ import importlib.resources
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -256,23 +256,33 @@ def train_judge(steps: int = 400, seed: int = 0, batch_size: int = 128,
     # One-cycle: a short warm-up, then cosine decay to zero, so a fixed step count is enough.
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
                                                 pct_start=0.1)
+    return fit_heads(judge, lambda idx: images[idx], labels, HEADS,
+                     lambda out, target: F.cross_entropy(out, target, ignore_index=IGNORE),
+                     opt, sched, steps, batch_size, gen, bf16, log)
+
+
+def fit_heads(judge: nn.Module, inputs: Callable[[torch.Tensor], torch.Tensor],
+              labels: dict[str, torch.Tensor], heads: Sequence[str],
+              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], opt, sched,
+              steps: int, batch_size: int, gen: torch.Generator, bf16: bool = True,
+              log: Callable[[str], None] | None = None) -> nn.Module:
+    """The judges' training loop: random batches of `inputs(idx)` with augmentation, the
+    sum of `loss_fn` over the heads, one optimizer and schedule step each; eval mode after."""
     judge.train()
     start = time.time()
     for step in range(steps):
-        idx = torch.randint(0, num_items, (batch_size,), generator=gen)
-        x = augment(images[idx], gen)
+        idx = torch.randint(0, len(next(iter(labels.values()))), (batch_size,), generator=gen)
+        x = augment(inputs(idx), gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = judge(x)
-        loss = sum(F.cross_entropy(logits[k].float(), labels[k][idx], ignore_index=IGNORE)
-                   for k in HEADS)
+        loss = sum(loss_fn(logits[k].float(), labels[k][idx]) for k in heads)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if log and (step % 100 == 0 or step == steps - 1):
             log(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:.0f}s")
-    judge.eval()
-    return judge
+    return judge.eval()
 
 
 # ----------------------------------------------------------------------------- accuracy
