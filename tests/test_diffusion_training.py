@@ -181,3 +181,51 @@ def test_reduce_overhead_marks_a_new_cuda_graph_step_before_every_forward(monkey
     step(torch.randn(4, 4, 4, 4), TextEmbeddings(torch.randn(4, 6, 16),
                                                  torch.ones(4, 6, dtype=torch.bool)))
     assert len(marks) == 2  # one per micro-batch
+
+
+def _grouped_folder(root):
+    """Six images, each with its own caption: one of "b", then five variants of "a" (the
+    last is the validation image the training split leaves out)."""
+    from data_fixtures import GOOD_COLORS, jpeg_bytes
+
+    root.mkdir()
+    rows = []
+    captions = ["a red circle", "a blue square", "a green cross", "a yellow triangle",
+                "a purple circle", "an orange square"]  # words the tiny encoder knows
+    for i, (base, caption) in enumerate(zip("baaaaa", captions)):
+        (root / f"{i}.jpg").write_bytes(jpeg_bytes(GOOD_COLORS[i % len(GOOD_COLORS)]))
+        rows.append({"file_name": f"{i}.jpg", "text": caption, "base": base})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_balance_by_draws_each_group_equally_often(setup, tmp_path, use_cache):
+    """Caption "a red circle" is group b's only image: half the draws when balanced by base, a
+    fifth when not. Read back from the batches' caption embeddings."""
+    from ldmkit.data import build_dataset
+    from ldmkit.models.text import TextEncoder
+
+    root, _, vae_dir, overrides = setup
+    folder = _grouped_folder(tmp_path / "data")
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    shares = {}
+    for balance_by in ("base", ""):
+        cfg = load_config(None, overrides + ["data.dataset=folder", f"data.root={str(folder)!r}",
+                                             f"data.balance_by={balance_by!r}",
+                                             "data.val_items=1", f"train.use_cache={str(use_cache).lower()}"])
+        text = TextEncoder.from_config(cfg.text)
+        dataset = build_dataset(cfg.data, "train")  # b and four a's
+        known = text.encode([dataset.captions(i)[0] for i in range(len(dataset))]).tokens
+        torch.manual_seed(0)
+        batches = latent_cache.training_batches(cfg, vae, vae_dir, text, dataset,
+                                                tmp_path / f"run-{balance_by}", "cpu", 0)
+        hits = draws = 0
+        for _ in range(60):
+            _, captions = batches.next()
+            # the nearest training caption (the cache may store embeddings in bf16)
+            nearest = torch.cdist(captions.tokens.flatten(1), known.flatten(1)).argmin(1)
+            hits += int((nearest == 0).sum())
+            draws += len(captions)
+        shares[balance_by] = hits / draws
+    assert 0.4 < shares["base"] < 0.6 and 0.1 < shares[""] < 0.3, shares

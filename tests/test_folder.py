@@ -91,3 +91,24 @@ def test_validation_items_are_the_last_ones_and_left_out_of_training(tmp_path):
     train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     assert [val.image_path(i).name for i in range(len(val))] == names[-2:]
     assert [train.image_path(i).name for i in range(len(train))] == names[:-2]
+
+
+def test_balance_by_weights_every_value_of_the_field_alike_and_names_a_row_without_it(tmp_path):
+    _write_images(tmp_path, ["a1.jpg", "a2.jpg", "a3.jpg", "b.jpg"])
+    rows = [{"file_name": f"{n}.jpg", "text": n, "base": n[0]} for n in ("a1", "a2", "a3", "b")]
+    _jsonl(tmp_path / "metadata.jsonl", rows)
+    assert ImageFolderCaptions(tmp_path, image_size=16).draw_weights() is None
+    weights = ImageFolderCaptions(tmp_path, image_size=16, balance_by="base").draw_weights()
+    assert weights.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+    _jsonl(tmp_path / "metadata.jsonl", rows[:3] + [{"file_name": "b.jpg", "text": "b"}])
+    with pytest.raises(UserError, match=r"metadata.jsonl line 4: no 'base' field"):
+        ImageFolderCaptions(tmp_path, image_size=16, balance_by="base")
+
+
+def test_balance_by_needs_metadata_rows_and_folder_data(tmp_path):
+    _write_images(tmp_path, ["x.jpg"])
+    (tmp_path / "x.txt").write_text("a caption\n")
+    with pytest.raises(UserError, match="needs metadata.jsonl"):
+        ImageFolderCaptions(tmp_path, image_size=16, balance_by="base")
+    with pytest.raises(UserError, match="data.balance_by = 'base' balances folder data"):
+        load_config(None, ["data.dataset=shapes", "data.balance_by=base"])

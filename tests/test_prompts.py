@@ -89,3 +89,16 @@ def test_real_images_of_each_prompt_score_full_fidelity_and_mismatched_prompts_l
 def test_fidelity_needs_one_prompt_per_image():
     with pytest.raises(ValueError, match="2 judged scenes for 1 prompts"):
         prompt_matches([None, None], ["a red circle"])
+
+
+def test_the_headline_samplers_other_step_counts_get_as_many_paired_images_as_the_headline():
+    from ldmkit.diffusion.registry import HEADLINE
+    from ldmkit.evaluation.fidelity import standard_entries
+
+    entries = standard_entries(200, 100, 500)
+    rows = {(e.prompt_set, e.sampler, e.steps, e.guidance): e.n for e in entries}
+    assert rows[("single", HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance)] == 200
+    assert rows[("single", HEADLINE.sampler, 10, HEADLINE.guidance)] == 200
+    assert rows[("single", "ddim", 10, HEADLINE.guidance)] == 100
+    assert rows[("single", HEADLINE.sampler, HEADLINE.steps, 1.0)] == 100
+    assert len(rows) == len(entries)  # no setting measured twice

@@ -138,6 +138,18 @@ def test_stream_sampler_resumes_with_the_same_batches_and_covers_each_epoch():
     assert ranks[0] + ranks[1] == stream[:4]
 
 
+def test_a_weighted_stream_draws_in_proportion_and_resumes_with_the_same_batches():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 4.0], dtype=torch.float64)  # item 4: half
+    stream = take(StreamSampler(5, batch_size=4, seed=3, weights=weights), 4000)
+    assert stream.count(4) / len(stream) == pytest.approx(0.5, abs=0.03)
+    assert take(StreamSampler(5, 4, seed=3, start_step=7, weights=weights), 100) == \
+        stream[28:128]
+
+
 def test_metrics_logger_drops_rows_past_the_resumed_step(tmp_path):
     path = tmp_path / "m.jsonl"
     log = MetricsLogger(path)

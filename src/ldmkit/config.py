@@ -43,6 +43,9 @@ class DataConfig:
     heldout: list[str] = _opt(["purple triangle", "orange circle"],
                               doc="'colour shape' pairs never shown in training")
     num_workers: int = _opt(0, lo=0)
+    balance_by: str = _opt("", doc="folder data: a metadata.jsonl field; the U-Net draws "
+                                   "each of its values equally often (empty = every image "
+                                   "equally often)")
 
 
 @dataclass
@@ -308,3 +311,7 @@ def _check_cross_field(cfg: Config, source: str) -> None:
     if cfg.data.dataset in ("coco", "folder") and not cfg.data.root:
         raise ConfigError(f"{source}: data.root must name the folder for "
                           f"data.dataset = {cfg.data.dataset!r}")
+    if cfg.data.balance_by and cfg.data.dataset != "folder":
+        raise ConfigError(f"{source}: data.balance_by = {cfg.data.balance_by!r} balances "
+                          f"folder data by a metadata.jsonl field; data.dataset is "
+                          f"{cfg.data.dataset!r}")

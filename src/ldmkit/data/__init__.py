@@ -33,7 +33,7 @@ def build_source(data_cfg) -> Dataset:
     if data_cfg.dataset == "coco":
         return CocoCaptions(data_cfg.root, data_cfg.split, data_cfg.image_size)
     if data_cfg.dataset == "folder":
-        return ImageFolderCaptions(data_cfg.root, data_cfg.image_size)
+        return ImageFolderCaptions(data_cfg.root, data_cfg.image_size, data_cfg.balance_by)
     raise UserError(f"data.dataset = {data_cfg.dataset!r} is not one of shapes, coco, folder")
 
 

@@ -27,8 +27,10 @@ def _captions_of(row: dict) -> tuple[str, ...]:
     return tuple(" ".join(v.split()) for v in values if isinstance(v, str) and v.strip())
 
 
-def read_metadata_jsonl(path: Path) -> list[Entry]:
-    """Usable rows of one metadata.jsonl; bad rows are counted and reported in one warning."""
+def read_metadata_jsonl(path: Path, balance_by: str = "") -> list[Entry]:
+    """Usable rows of one metadata.jsonl; bad rows are counted and reported in one warning.
+    With `balance_by`, each row's value of that field is its group (see draw_weights); a
+    row without it is an error naming the file, line and field."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -47,7 +49,7 @@ def read_metadata_jsonl(path: Path) -> list[Entry]:
         if not isinstance(name, str) or not name or not captions:
             bad.append(number)
             continue
-        entries.append(Entry(path.parent / name, captions))
+        entries.append(Entry(path.parent / name, captions, _group(row, balance_by, path, number)))
     if bad:
         log.warning("%s: %d unusable line(s) skipped (first: line %d); each needs "
                     "\"file_name\" and a non-empty \"text\"", path, len(bad), bad[0])
@@ -55,6 +57,16 @@ def read_metadata_jsonl(path: Path) -> list[Entry]:
         raise UserError(f"{path}: no usable image/caption pairs "
                         f"(each line needs {{\"file_name\": ..., \"text\": ...}})")
     return entries
+
+
+def _group(row: dict, balance_by: str, path: Path, number: int) -> str:
+    if not balance_by:
+        return ""
+    value = row.get(balance_by)
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or value == "":
+        raise UserError(f"{path} line {number}: no {balance_by!r} field to balance by "
+                        f"(data.balance_by = {balance_by!r}), got {value!r}")
+    return str(value)
 
 
 def read_sidecars(root: Path) -> list[Entry]:
@@ -82,17 +94,20 @@ def read_sidecars(root: Path) -> list[Entry]:
     return entries
 
 
-def read_folder(root: str | Path) -> list[Entry]:
+def read_folder(root: str | Path, balance_by: str = "") -> list[Entry]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: image folder not found")
     metadata = sorted(root.rglob("metadata.jsonl"))
     if metadata:
-        return [e for path in metadata for e in read_metadata_jsonl(path)]
+        return [e for path in metadata for e in read_metadata_jsonl(path, balance_by)]
+    if balance_by:
+        raise UserError(f"{root}: data.balance_by = {balance_by!r} needs metadata.jsonl "
+                        f"rows with that field; this folder has sidecar .txt captions")
     return read_sidecars(root)
 
 
 class ImageFolderCaptions(CaptionedFiles):
-    def __init__(self, root: str | Path, image_size: int = 64):
+    def __init__(self, root: str | Path, image_size: int = 64, balance_by: str = ""):
         self.root = Path(root)
-        super().__init__(read_folder(root), image_size, str(root))
+        super().__init__(read_folder(root, balance_by), image_size, str(root))

@@ -9,6 +9,7 @@ workers are visible to the trainer in the main process.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ _REASONS = BadImageError.REASONS  # flag value k + 1 <-> _REASONS[k]; 0 = not kn
 class Entry:
     path: Path
     captions: tuple[str, ...]
+    group: str = ""  # the value of data.balance_by for this image ("" = not balanced)
 
 
 def _shared_flags(n: int) -> torch.Tensor:
@@ -112,6 +114,15 @@ class CaptionedFiles(torch.utils.data.Dataset):
         idx = torch.nonzero(self._bad, as_tuple=False).flatten().tolist()
         return [{"path": str(self.entries[j].path), "reason": _REASONS[int(self._bad[j]) - 1]}
                 for j in idx]
+
+    def draw_weights(self) -> torch.Tensor | None:
+        """Per-item sampling weights that give every group the same share of draws (each
+        item 1 / its group's size), or None when the items carry no groups."""
+        groups = [e.group for e in self.entries]
+        if not any(groups):
+            return None
+        sizes = Counter(groups)
+        return torch.tensor([1.0 / sizes[g] for g in groups], dtype=torch.float64)
 
     def subset(self, start: int, stop: int | None = None) -> CaptionedFiles:
         """Items start..stop as a new dataset of the same kind (own problem counts)."""

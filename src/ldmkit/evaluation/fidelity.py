@@ -129,10 +129,13 @@ def sampler_entries(n: int, timesteps: int, prompt_set: str = "single") -> list[
 
 
 def standard_entries(n_head: int, n_other: int, timesteps: int) -> list[Entry]:
-    """The CFG sweep (n_head images each) then the sampler rows (n_other each) that the
-    sweep does not already hold (its headline row)."""
+    """The CFG sweep (n_head images each) then the sampler rows that the sweep does not
+    already hold (its headline row): n_head images for the headline sampler's other step
+    counts, so "10 steps against 20" compares equally many paired images; n_other for the
+    other samplers."""
     sweep = guidance_entries(n_head, n_other)
-    return sweep + [e for e in sampler_entries(n_other, timesteps) if not e.is_headline]
+    rows = [e for e in sampler_entries(n_other, timesteps) if not e.is_headline]
+    return sweep + [replace(e, n=n_head) if e.sampler == HEADLINE.sampler else e for e in rows]
 
 
 class FidelityEvaluator:

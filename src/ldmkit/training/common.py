@@ -162,12 +162,15 @@ class StreamSampler(Sampler[int]):
     """An endless, resumable index stream: epoch e is a permutation seeded by (seed, e),
     epochs are concatenated, and step s of a run reads positions [s*B, (s+1)*B) of it
     (this process's slice of them under several processes). Resuming at step s is then
-    just starting at s*B, and gives the very batches an uninterrupted run would see."""
+    just starting at s*B, and gives the very batches an uninterrupted run would see.
+    With `weights` (data.balance_by), epoch e is n draws with replacement in proportion to
+    them, seeded the same way, so it stays resumable."""
 
     def __init__(self, num_items: int, batch_size: int, seed: int = 0, start_step: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, weights: torch.Tensor | None = None):
         self.n, self.batch, self.seed = num_items, batch_size, seed
         self.start, self.rank, self.world = start_step, rank, world_size
+        self.weights = weights
         self._epoch_id, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def __iter__(self) -> Iterator[int]:
@@ -182,14 +185,18 @@ class StreamSampler(Sampler[int]):
     def _epoch(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch_id:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch_id, self._perm = epoch, torch.randperm(self.n, generator=g)
+            self._epoch_id = epoch
+            self._perm = (torch.randperm(self.n, generator=g) if self.weights is None else
+                          torch.multinomial(self.weights, self.n, True, generator=g))
         return self._perm
 
 
 def infinite_loader(dataset: Dataset, batch_size: int, seed: int = 0, start_step: int = 0,
-                    num_workers: int = 0, rank: int = 0, world_size: int = 1) -> Iterator:
+                    num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                    weights: torch.Tensor | None = None) -> Iterator:
     """Batches forever, in the order `StreamSampler` fixes (see there)."""
-    sampler = StreamSampler(len(dataset), batch_size, seed, start_step, rank, world_size)
+    sampler = StreamSampler(len(dataset), batch_size, seed, start_step, rank, world_size,
+                            weights)
     # An own generator: DataLoader otherwise draws its worker seed from the global torch
     # RNG, which would shift a resumed run's noise away from the uninterrupted run's. One
     # per rank, so workers of different ranks do not share their random augmentations.

@@ -271,13 +271,15 @@ def _prune(cache_dir: Path, keep: int) -> None:
 
 
 class CachedBatches:
-    """Random batches read from the shard files: items drawn uniformly with
-    replacement, a fresh posterior sample per visit, one of the item's captions drawn per
-    visit. Every draw comes from the process's global torch RNG (checkpoints save each
-    process's), so each process draws its own items: together one global batch."""
+    """Random batches read from the shard files: items drawn with replacement (uniformly,
+    or in proportion to `weights`: data.balance_by), a fresh posterior sample per visit,
+    one of the item's captions drawn per visit. Every draw comes from the process's global
+    torch RNG (checkpoints save each process's), so each process draws its own items:
+    together one global batch."""
 
     def __init__(self, folder: Path, entries: list[dict], text_cache: TextEmbeddingCache,
-                 scale_factor: float, batch_size: int, device: torch.device):
+                 scale_factor: float, batch_size: int, device: torch.device,
+                 weights: torch.Tensor | None = None):
         paths = [Path(folder) / e["name"] for e in entries]
         rows = [file_rows(p) for p in paths]  # read per batch
         self.mean = ShardedRows([r["mean"] for r in rows])
@@ -288,13 +290,17 @@ class CachedBatches:
         keys = (k for s in shards for k in _keys(s["caption_keys"]))
         self.captions, self.caption_row = text_cache.table(keys)
         self.scale, self.batch_size, self.device = scale_factor, batch_size, device
+        if weights is not None and len(weights) != len(self.mean):
+            raise ValueError(f"{len(weights)} draw weights for {len(self.mean)} cached items")
+        self.weights = weights
 
     def __len__(self) -> int:
         return len(self.mean)
 
     def next(self) -> Batch:
         n, b = len(self), self.batch_size
-        items = torch.randint(0, n, (b,))
+        items = (torch.randint(0, n, (b,)) if self.weights is None else
+                 torch.multinomial(self.weights, b, replacement=True))
         pick = (torch.rand(b) * self.counts[items]).long()
         rows = self.caption_row[self.first[items] + pick]
         mean = self.mean.gather(items).to(self.device)
@@ -309,10 +315,10 @@ class LiveBatches:
 
     def __init__(self, dataset, vae: AutoencoderKL, text: TextEncoder, batch_size: int,
                  seed: int, start_step: int, device: torch.device, num_workers: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, weights: torch.Tensor | None = None):
         self.loader = infinite_loader(dataset, batch_size, seed=seed, start_step=start_step,
                                       num_workers=num_workers, rank=rank,
-                                      world_size=world_size)
+                                      world_size=world_size, weights=weights)
         self.vae, self.text, self.device = vae, text, device
 
     @torch.no_grad()
@@ -330,11 +336,20 @@ def training_batches(cfg: Config, vae: AutoencoderKL, vae_dir: Path, text: TextE
     caches (built on first use, in cfg.text.cache_dir or out_dir/cache), or, with
     train.use_cache = false, encoded live like the seed."""
     per_update = cfg.train.batch_size * cfg.train.grad_accum_steps
+    weights = draw_weights(dataset)
     if not cfg.train.use_cache:
         rank, world = _ranks(accelerator)
         return LiveBatches(dataset, vae, text, per_update, cfg.train.seed, step, device,
-                           cfg.data.num_workers, rank, world)
+                           cfg.data.num_workers, rank, world, weights)
     cache_dir = Path(cfg.text.cache_dir) if cfg.text.cache_dir else out_dir / "cache"
     folder, entries, text_cache = build_cache(cfg, vae, vae_dir, text, dataset, cache_dir,
                                               device, accelerator)
-    return CachedBatches(folder, entries, text_cache, vae.scale_factor, per_update, device)
+    return CachedBatches(folder, entries, text_cache, vae.scale_factor, per_update, device,
+                         weights)
+
+
+def draw_weights(dataset) -> torch.Tensor | None:
+    """The dataset's per-item draw weights (folder data with data.balance_by), else None:
+    every item equally often."""
+    weights = getattr(dataset, "draw_weights", None)
+    return weights() if callable(weights) else None
