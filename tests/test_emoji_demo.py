@@ -48,6 +48,16 @@ def test_tiny_emoji_demo_evaluation_json_has_the_promised_keys(demo_dir):
     assert {"judge_on_heldout_real", "judge_on_heldout_vae_roundtrip"} <= set(result)
 
 
+def test_every_held_out_emoji_is_judged_on_several_images_of_its_own_noise(demo_dir):
+    from ldmkit.evaluation.emoji_fidelity import HELDOUT_IMAGES
+
+    result = json.loads((demo_dir / "evaluation.json").read_text())
+    rows = load_split(demo_dir.parent / "data" / "heldout").rows
+    emoji = {r["base"] for r in rows if r["unified"] == r["base"]}
+    assert HELDOUT_IMAGES > 1
+    assert {r["n_heldout"] for r in result["guidance_sweep"]} == {HELDOUT_IMAGES * len(emoji)}
+
+
 def test_an_unknown_judge_for_the_data_is_refused_before_training(tmp_path, capsys):
     folder = build_emoji_folder(tmp_path / "data", archives=[make_archive(tmp_path)],
                                 allow_unpinned=True, log=lambda m: None)
