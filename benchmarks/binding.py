@@ -65,6 +65,12 @@ VARIANTS = {
     "len16-2000-nopool": ["text.max_length=16", "train.steps=2000", "unet.pooled_text=false"],
     # ... and MiniLM's last layer mixes "purple" into "triangle"; its embedding layer does not
     "len16-2000-layer0": ["text.max_length=16", "train.steps=2000", "text.hidden_layers=[0]"],
+    # ... MiniLM's first transformer layer instead of its last: a little context
+    "len16-2000-layers01": ["text.max_length=16", "train.steps=2000",
+                            "text.hidden_layers=[0, 1]"],
+    # the demo config; with benchmarks/patches/text-layers-as-tokens.diff applied and
+    # EXP_JOIN=tokens, layers 0 and -1 as two token blocks instead of side by side
+    "len16-2000-tokens": ["text.max_length=16", "train.steps=2000"],
 }
 OUT = RESULTS_DIR / "binding.json"
 
