@@ -70,3 +70,29 @@ def test_an_unknown_judge_for_the_data_is_refused_before_training(tmp_path, caps
     assert main(["demo-emoji", "--tiny", "--out", str(tmp_path / "run"), "--data",
                  str(tmp_path / "data"), "--judge", str(tmp_path / "j.safetensors")]) == 2
     assert "does not know" in capsys.readouterr().err
+
+
+def test_the_demo_trains_on_draws_balanced_by_emoji_not_by_image(tmp_path):
+    """The shipped config balances by base emoji: an emoji with five skin tones (six
+    images per vendor) is drawn as often as one with a single image."""
+    import argparse
+    from collections import defaultdict
+
+    from ldmkit.emoji_demo import emoji_config, training_split
+
+    folder = build_emoji_folder(tmp_path / "data", archives=[make_archive(tmp_path)],
+                                allow_unpinned=True, log=lambda m: None)
+    cfg = emoji_config(argparse.Namespace(tiny=False, overrides=[], config=None, seed=0,
+                                          data=str(tmp_path / "data"), out=str(tmp_path / "r")))
+    assert cfg.data.balance_by == "base"
+    train = training_split(load_split(folder.train, cfg.data.balance_by), cfg)
+    share = defaultdict(float)
+    for row, w in zip(train.rows, train.draw_weights().tolist()):
+        share[row["base"]] += w
+    counts = defaultdict(int)
+    for row in train.rows:
+        counts[row["base"]] += 1
+    assert max(counts.values()) > 1  # the toned emoji is on the training side
+    assert list(share.values()) == pytest.approx([1.0] * len(share))
+    with pytest.raises(Exception, match="no 'category_x' field"):
+        load_split(folder.train, "category_x")

@@ -33,6 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldmkit.data.emoji_sources import IMAGE_SIZE, VENDORS, Archive, npm_pack, read_archive
+from ldmkit.data.robust import group_weights
 from ldmkit.errors import UserError
 from ldmkit.io import atomic_write, write_json_atomic
 
@@ -310,10 +311,19 @@ class EmojiImages(Dataset):
 
     skipped = 0  # the images were checked when the folder was written
 
-    def __init__(self, images: torch.Tensor, rows: list[dict]):
+    def __init__(self, images: torch.Tensor, rows: list[dict], balance_by: str = ""):
         if images.dtype != torch.uint8 or images.shape[0] != len(rows):
             raise ValueError("images must be uint8 (N, 3, H, W), one metadata row each")
-        self.images, self.rows = images, rows
+        missing = next((r for r in rows if balance_by and not r.get(balance_by)), None)
+        if missing is not None:
+            raise UserError(f"{missing.get('file_name')}: no {balance_by!r} field to balance "
+                            f"by (data.balance_by)")
+        self.images, self.rows, self.balance_by = images, rows, balance_by
+
+    def draw_weights(self) -> torch.Tensor | None:
+        """As the folder dataset's: every value of data.balance_by drawn equally often."""
+        return group_weights([str(r[self.balance_by]) if self.balance_by else ""
+                              for r in self.rows])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -330,16 +340,16 @@ class EmojiImages(Dataset):
         return self.images[i].float() / 127.5 - 1.0, i
 
     def subset(self, start: int, stop: int | None = None) -> EmojiImages:
-        return EmojiImages(self.images[start:stop], self.rows[start:stop])
+        return EmojiImages(self.images[start:stop], self.rows[start:stop], self.balance_by)
 
 
-def load_split(folder: str | Path) -> EmojiImages:
+def load_split(folder: str | Path, balance_by: str = "") -> EmojiImages:
     """Every image of a split folder (transparency on white, as the folder dataset shows
-    it) with its metadata row."""
+    it) with its metadata row; `balance_by` as data.balance_by."""
     from ldmkit.data.transforms import load_image
 
     rows = read_rows(folder)
     arrays = [np.asarray(load_image(Path(folder) / r["file_name"]), dtype=np.uint8)
               for r in rows]
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return EmojiImages(images, rows)
+    return EmojiImages(images, rows, balance_by)

@@ -30,6 +30,15 @@ class Entry:
     group: str = ""  # the value of data.balance_by for this image ("" = not balanced)
 
 
+def group_weights(groups: list[str]) -> torch.Tensor | None:
+    """Per-item draw weights that give every group the same share of draws (each item 1 /
+    its group's size: data.balance_by), or None when the items carry no groups."""
+    if not any(groups):
+        return None
+    sizes = Counter(groups)
+    return torch.tensor([1.0 / sizes[g] for g in groups], dtype=torch.float64)
+
+
 def _shared_flags(n: int) -> torch.Tensor:
     flags = torch.zeros(n, dtype=torch.uint8)
     try:
@@ -116,13 +125,7 @@ class CaptionedFiles(torch.utils.data.Dataset):
                 for j in idx]
 
     def draw_weights(self) -> torch.Tensor | None:
-        """Per-item sampling weights that give every group the same share of draws (each
-        item 1 / its group's size), or None when the items carry no groups."""
-        groups = [e.group for e in self.entries]
-        if not any(groups):
-            return None
-        sizes = Counter(groups)
-        return torch.tensor([1.0 / sizes[g] for g in groups], dtype=torch.float64)
+        return group_weights([e.group for e in self.entries])
 
     def subset(self, start: int, stop: int | None = None) -> CaptionedFiles:
         """Items start..stop as a new dataset of the same kind (own problem counts)."""
