@@ -211,9 +211,9 @@ def test_balance_by_draws_each_group_equally_often(setup, tmp_path, use_cache):
     vae = AutoencoderKL.from_pretrained(vae_dir)
     shares = {}
     for balance_by in ("base", ""):
-        cfg = load_config(None, overrides + ["data.dataset=folder", f"data.root={str(folder)!r}",
-                                             f"data.balance_by={balance_by!r}",
-                                             "data.val_items=1", f"train.use_cache={str(use_cache).lower()}"])
+        cfg = load_config(None, overrides + [
+            "data.dataset=folder", f"data.root={str(folder)!r}", f"data.balance_by={balance_by!r}",
+            "data.val_items=1", f"train.use_cache={str(use_cache).lower()}"])
         text = TextEncoder.from_config(cfg.text)
         dataset = build_dataset(cfg.data, "train")  # b and four a's
         known = text.encode([dataset.captions(i)[0] for i in range(len(dataset))]).tokens

@@ -78,14 +78,15 @@ def test_the_demo_trains_on_draws_balanced_by_emoji_not_by_image(tmp_path):
     import argparse
     from collections import defaultdict
 
-    from ldmkit.emoji_demo import emoji_config, training_split
+    from ldmkit.data import train_subset
+    from ldmkit.emoji_demo import emoji_config
 
     folder = build_emoji_folder(tmp_path / "data", archives=[make_archive(tmp_path)],
                                 allow_unpinned=True, log=lambda m: None)
     cfg = emoji_config(argparse.Namespace(tiny=False, overrides=[], config=None, seed=0,
                                           data=str(tmp_path / "data"), out=str(tmp_path / "r")))
     assert cfg.data.balance_by == "base"
-    train = training_split(load_split(folder.train, cfg.data.balance_by), cfg)
+    train = train_subset(load_split(folder.train, cfg.data.balance_by), cfg.data.val_items)
     share = defaultdict(float)
     for row, w in zip(train.rows, train.draw_weights().tolist()):
         share[row["base"]] += w

@@ -66,6 +66,7 @@ def emoji_config(args: argparse.Namespace) -> Config:
 
 def run_emoji_demo(args: argparse.Namespace) -> Path:
     """Every stage in order; this function alone decides what is written where."""
+    from ldmkit.data import train_subset
     from ldmkit.data.emoji import build_emoji_folder, load_split, open_emoji_folder
     from ldmkit.emoji_report import format_emoji_report
     from ldmkit.evaluation.emoji_judge import load_emoji_judge
@@ -91,7 +92,8 @@ def run_emoji_demo(args: argparse.Namespace) -> Path:
             folder = build_emoji_folder(args.data, vendors, args.archive or [],
                                         args.allow_unpinned)
         everything = load_split(folder.train, cfg.data.balance_by)
-        train_set = training_split(everything, cfg)
+        # as the folder dataset splits it: its last items validate the VAE
+        train_set = train_subset(everything, cfg.data.val_items)
         heldout = load_split(folder.heldout)
         _check_judge_knows(classes, everything.rows + heldout.rows, args.judge)
         _preview(train_set, out / "data_preview.png")
@@ -116,15 +118,6 @@ def run_emoji_demo(args: argparse.Namespace) -> Path:
                                                unet_run, evaluation, timings),
                       timings, evaluation)
     return out
-
-
-def training_split(everything, cfg: Config):
-    """What the VAE and U-Net train on: as the folder dataset splits it, its last items
-    validate the VAE."""
-    from ldmkit.data import val_count
-
-    n = len(everything)
-    return everything.subset(0, n - val_count(n, cfg.data.val_items))
 
 
 def _command(args: argparse.Namespace) -> str:

@@ -21,6 +21,7 @@ __all__ = [
     "ShapesDataset",
     "build_dataset",
     "build_source",
+    "train_subset",
     "val_count",
 ]
 
@@ -61,8 +62,15 @@ def build_dataset(data_cfg, split: str = "train") -> Dataset:
         val = CocoCaptions(data_cfg.root, "val", data_cfg.image_size)
         return val.subset(0, data_cfg.val_items)
     source = build_source(data_cfg)
-    n = len(source)
-    k = val_count(n, data_cfg.val_items)
     if split == "val":
-        return source.subset(n - k)
+        n = len(source)
+        return source.subset(n - val_count(n, data_cfg.val_items))
+    return train_subset(source, data_cfg.val_items)
+
+
+def train_subset(source, val_items: int):
+    """What training uses of a source that carries its own validation images: all but
+    the last val_count of them (a one-item source keeps its item)."""
+    n = len(source)
+    k = val_count(n, val_items)
     return source.subset(0, n - k) if n - k >= 1 else source

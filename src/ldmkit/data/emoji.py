@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldmkit.data.emoji_sources import IMAGE_SIZE, VENDORS, Archive, npm_pack, read_archive
-from ldmkit.data.robust import group_weights
+from ldmkit.data.robust import group_weights, row_group
 from ldmkit.errors import UserError
 from ldmkit.io import atomic_write, write_json_atomic
 
@@ -314,16 +314,12 @@ class EmojiImages(Dataset):
     def __init__(self, images: torch.Tensor, rows: list[dict], balance_by: str = ""):
         if images.dtype != torch.uint8 or images.shape[0] != len(rows):
             raise ValueError("images must be uint8 (N, 3, H, W), one metadata row each")
-        missing = next((r for r in rows if balance_by and not r.get(balance_by)), None)
-        if missing is not None:
-            raise UserError(f"{missing.get('file_name')}: no {balance_by!r} field to balance "
-                            f"by (data.balance_by)")
         self.images, self.rows, self.balance_by = images, rows, balance_by
+        self.groups = [row_group(r, balance_by, str(r.get("file_name"))) for r in rows]
 
     def draw_weights(self) -> torch.Tensor | None:
         """As the folder dataset's: every value of data.balance_by drawn equally often."""
-        return group_weights([str(r[self.balance_by]) if self.balance_by else ""
-                              for r in self.rows])
+        return group_weights(self.groups)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from ldmkit.data.robust import CaptionedFiles, Entry
+from ldmkit.data.robust import CaptionedFiles, Entry, row_group
 from ldmkit.data.transforms import IMAGE_EXTENSIONS
 from ldmkit.errors import UserError
 
@@ -49,7 +49,8 @@ def read_metadata_jsonl(path: Path, balance_by: str = "") -> list[Entry]:
         if not isinstance(name, str) or not name or not captions:
             bad.append(number)
             continue
-        entries.append(Entry(path.parent / name, captions, _group(row, balance_by, path, number)))
+        entries.append(Entry(path.parent / name, captions,
+                             row_group(row, balance_by, f"{path} line {number}")))
     if bad:
         log.warning("%s: %d unusable line(s) skipped (first: line %d); each needs "
                     "\"file_name\" and a non-empty \"text\"", path, len(bad), bad[0])
@@ -57,16 +58,6 @@ def read_metadata_jsonl(path: Path, balance_by: str = "") -> list[Entry]:
         raise UserError(f"{path}: no usable image/caption pairs "
                         f"(each line needs {{\"file_name\": ..., \"text\": ...}})")
     return entries
-
-
-def _group(row: dict, balance_by: str, path: Path, number: int) -> str:
-    if not balance_by:
-        return ""
-    value = row.get(balance_by)
-    if not isinstance(value, (str, int)) or isinstance(value, bool) or value == "":
-        raise UserError(f"{path} line {number}: no {balance_by!r} field to balance by "
-                        f"(data.balance_by = {balance_by!r}), got {value!r}")
-    return str(value)
 
 
 def read_sidecars(root: Path) -> list[Entry]:

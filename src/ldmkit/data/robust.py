@@ -30,6 +30,18 @@ class Entry:
     group: str = ""  # the value of data.balance_by for this image ("" = not balanced)
 
 
+def row_group(row: dict, balance_by: str, where: str) -> str:
+    """A metadata row's group: its value of data.balance_by ("" when not balancing). A row
+    without a usable value is an error naming `where` (file, line) and the field."""
+    if not balance_by:
+        return ""
+    value = row.get(balance_by)
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or value == "":
+        raise UserError(f"{where}: no {balance_by!r} field to balance by "
+                        f"(data.balance_by = {balance_by!r}), got {value!r}")
+    return str(value)
+
+
 def group_weights(groups: list[str]) -> torch.Tensor | None:
     """Per-item draw weights that give every group the same share of draws (each item 1 /
     its group's size: data.balance_by), or None when the items carry no groups."""
