@@ -48,6 +48,8 @@ def test_int_is_accepted_for_float():
     ("[vae]\ndownsample_factor = 4\n", "vae.channel_mult"),
     ("[data]\nimage_size = 60\n", "data.image_size"),
     ("[train]\nuse_cache = 1\n", "train.use_cache"),
+    ("[data]\ndataset = 'folder'\nroot = 'x'\n[vae]\ninclude_heldout = true\n",
+     "vae.include_heldout"),
     ("[train\nbatch_size = 4\n", "not valid TOML"),
 ])
 def test_bad_config_is_refused_naming_file_and_key(tmp_path, text, culprit):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ldmkit.config import load_config
-from ldmkit.data import build_dataset
+from ldmkit.data import build_dataset, build_vae_dataset
 from ldmkit.data.shapes import (
     BACKGROUND,
     COLORS,
@@ -33,6 +33,7 @@ from ldmkit.data.shapes import (
     scene_from_spec,
     spec_matches,
 )
+from ldmkit.demo import DEFAULT_CONFIG
 from ldmkit.errors import UserError
 
 
@@ -87,6 +88,23 @@ def test_from_config_uses_data_section_and_val_items():
     train, val = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     assert (len(train), len(val)) == (50, 7)
     assert train.seed == 4 and train[0][0].shape == (3, 32, 32) and val.split == "val"
+
+
+def test_vae_include_heldout_gives_only_the_vae_the_heldout_images():
+    def pairs(dataset):
+        return {(o.color, o.shape) for i in range(len(dataset)) for o in dataset.scene(i).objects}
+
+    heldout = {("purple", "triangle"), ("orange", "circle")}
+    base = ["data.image_size=16", "data.num_items=1500", "vae.downsample_factor=4",
+            "vae.channel_mult=[1,2,4]"]
+    for include in (False, True):
+        cfg = load_config(None, base + [f"vae.include_heldout={str(include).lower()}"])
+        unet_split = build_dataset(cfg.data, "train")
+        assert not heldout & pairs(unet_split)
+        vae_set = build_vae_dataset(cfg, unet_split)
+        assert (heldout <= pairs(vae_set)) == include
+        assert (vae_set is unet_split) == (not include)  # the caller's copy when it is the same
+    assert load_config(DEFAULT_CONFIG).vae.include_heldout  # the demo's VAE sees every pair
 
 
 # ----------------------------------------------------------------------------- vocabulary

@@ -74,6 +74,9 @@ class VAEConfig(VAEArchitecture):
 
     kl_weight: float = _opt(1e-6, lo=0.0, doc="relative to per-pixel reconstruction loss")
     recon_loss: str = _opt("mse", choices=("mse", "l1"))
+    include_heldout: bool = _opt(False, doc="shapes data: the VAE also trains on images of "
+                                            "the held-out pairs (images only; the U-Net "
+                                            "never sees those pairs)")
     steps: int = _opt(2000, lo=1)
     batch_size: int = _opt(32, lo=1)
     lr: float = _opt(2e-4, lo=0.0)
@@ -311,6 +314,9 @@ def _check_cross_field(cfg: Config, source: str) -> None:
     if cfg.data.dataset in ("coco", "folder") and not cfg.data.root:
         raise ConfigError(f"{source}: data.root must name the folder for "
                           f"data.dataset = {cfg.data.dataset!r}")
+    if cfg.vae.include_heldout and cfg.data.dataset != "shapes":
+        raise ConfigError(f"{source}: vae.include_heldout adds the shapes data's held-out "
+                          f"pairs to the VAE's images; data.dataset is {cfg.data.dataset!r}")
     if cfg.data.balance_by and cfg.data.dataset != "folder":
         raise ConfigError(f"{source}: data.balance_by = {cfg.data.balance_by!r} balances "
                           f"folder data by a metadata.jsonl field; data.dataset is "

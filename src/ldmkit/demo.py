@@ -125,7 +125,7 @@ def cli_demo(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> Path:
     """Every stage in order; this function alone decides what is written where."""
-    from ldmkit.data import build_dataset
+    from ldmkit.data import build_dataset, build_vae_dataset
     from ldmkit.data.memory import materialize
     from ldmkit.models.text import TextEncoder
     from ldmkit.pipeline import TextToImagePipeline
@@ -145,11 +145,14 @@ def run_demo(args: argparse.Namespace) -> Path:
 
     with watch.stage("data"):
         train_set = materialize(build_dataset(cfg.data, "train"), num_workers=2)
+        vae_set = build_vae_dataset(cfg, train_set)
+        if vae_set is not train_set:
+            vae_set = materialize(vae_set, num_workers=2)
         preview = [train_set[i] for i in range(16)]
         save_image_grid(torch.stack([img for img, _ in preview]), out / "data_preview.png",
                         nrow=8, captions=[c for _, c in preview])
     with watch.stage("vae"):
-        vae_run = train_vae(cfg, out / "vae", dataset=train_set)
+        vae_run = train_vae(cfg, out / "vae", dataset=vae_set)
     with watch.stage("text encoder"):
         text = TextEncoder.from_config(cfg.text)
     with watch.stage("unet"):

@@ -21,6 +21,7 @@ __all__ = [
     "ShapesDataset",
     "build_dataset",
     "build_source",
+    "build_vae_dataset",
     "train_subset",
     "val_count",
 ]
@@ -66,6 +67,17 @@ def build_dataset(data_cfg, split: str = "train") -> Dataset:
         n = len(source)
         return source.subset(n - val_count(n, data_cfg.val_items))
     return train_subset(source, data_cfg.val_items)
+
+
+def build_vae_dataset(cfg, train_set: Dataset | None = None) -> Dataset:
+    """What stage 1 trains on: the training split (`train_set` when the caller built it
+    already), or with vae.include_heldout the shapes stream drawn with the held-out pairs
+    in. The VAE never reads a caption, so "held out" there means that the text-to-image model
+    never pairs those words: latent diffusion's autoencoders train on image data of their own
+    (Stable Diffusion's on OpenImages), not on the captioned pairs."""
+    if cfg.vae.include_heldout:
+        return ShapesDataset.from_config(cfg.data, "train", include_heldout=True)
+    return train_set if train_set is not None else build_dataset(cfg.data, "train")
 
 
 def train_subset(source, val_items: int):

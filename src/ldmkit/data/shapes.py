@@ -323,11 +323,13 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.problems: list[dict] = []
 
     @classmethod
-    def from_config(cls, data_cfg, split: str = "train") -> ShapesDataset:
+    def from_config(cls, data_cfg, split: str = "train",
+                    include_heldout: bool = False) -> ShapesDataset:
         return cls(image_size=data_cfg.image_size,
                    num_items=data_cfg.val_items if split == "val" else data_cfg.num_items,
                    seed=data_cfg.seed, two_object_fraction=data_cfg.two_object_fraction,
-                   heldout=tuple(data_cfg.heldout), split=split)
+                   heldout=tuple(data_cfg.heldout), include_heldout=include_heldout,
+                   split=split)
 
     def __len__(self) -> int:
         return self.num_items

@@ -86,11 +86,11 @@ def train_vae(cfg: Config, out_dir: Path, resume: bool = False, dataset=None) ->
 
 
 def _train(cfg: Config, accelerator, out_dir: Path, resume: bool, dataset) -> VAERun:
-    from ldmkit.data import build_dataset
+    from ldmkit.data import build_dataset, build_vae_dataset
 
     ckpt = previous_checkpoint(out_dir / "checkpoints", resume)
     torch.manual_seed(cfg.train.seed)  # the weights' init; RNG state comes back on resume
-    train_set = dataset if dataset is not None else build_dataset(cfg.data, "train")
+    train_set = dataset if dataset is not None else build_vae_dataset(cfg)
     val_set = build_dataset(cfg.data, "val")
 
     vae = AutoencoderKL(cfg.vae, image_size=cfg.data.image_size)
