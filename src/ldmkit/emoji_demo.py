@@ -59,9 +59,7 @@ def emoji_config(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config or DEFAULT_CONFIG, overrides + [
         f"train.seed={args.seed}", f"data.seed={args.seed}",
         f"data.root={str(Path(args.data) / 'train')!r}"])
-    if not cfg.text.cache_dir:  # beside the run: caption embeddings stay valid across runs
-        cfg.text.cache_dir = str(Path(args.out).parent / ".ldmkit-cache")
-    return cfg
+    return cfg  # caches in the run, as the shapes demo's (see demo.demo_config)
 
 
 def run_emoji_demo(args: argparse.Namespace) -> Path:

@@ -44,3 +44,15 @@ def materialize(dataset: Dataset, batch_size: int = 256, num_workers: int = 0,
         images.append(((batch_images + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8))
         captions += list(batch_captions)
     return InMemoryDataset(torch.cat(images), captions, dataset)
+
+
+def materialize_stages(cfg, num_workers: int = 2) -> tuple[InMemoryDataset, InMemoryDataset]:
+    """The U-Net's and the VAE's training images in RAM (one copy when they are the same
+    images; with vae.include_heldout the VAE's stream has the held-out pairs in)."""
+    from ldmkit.data import build_dataset, build_vae_dataset
+
+    unet_set = materialize(build_dataset(cfg.data, "train"), num_workers=num_workers)
+    vae_set = build_vae_dataset(cfg, unet_set)
+    if vae_set is not unet_set:
+        vae_set = materialize(vae_set, num_workers=num_workers, desc="rendering VAE data")
+    return unet_set, vae_set
