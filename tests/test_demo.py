@@ -65,15 +65,14 @@ def test_the_same_command_under_cpu_load_writes_the_same_evaluation_json(demo_di
         assert (tmp_path / "again" / name).read_bytes() == (demo_dir / name).read_bytes(), name
 
 
-def _burn() -> None:
-    while True:
-        sum(i * i for i in range(10_000))
-
-
-
 def test_the_demo_keeps_its_caches_in_its_own_run(demo_dir):
     """Nothing carries from one demo to the next: a cache shared beside the runs held caption
     embeddings rounded in another run's encoding batches, and changed the next seed's U-Net
     (a full `ldmkit demo --seed 2`: held-out pairs 98 % after seeds 0 and 1, 93 % alone)."""
     assert any((demo_dir / "diffusion" / "cache" / "text").glob("*.safetensors"))
     assert [p.name for p in demo_dir.parent.iterdir()] == [demo_dir.name]
+
+
+def _burn() -> None:
+    while True:
+        sum(i * i for i in range(10_000))
