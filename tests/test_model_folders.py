@@ -57,9 +57,11 @@ def test_a_folder_written_before_the_split_still_loads_and_gives_the_same_images
                                     guidance_scale=3.0, sampler="dpmpp-2m",
                                     generator=torch.Generator().manual_seed(0))
     # made by ldmkit 0.1.0 from this folder, one torch thread (as conftest sets); the
-    # tolerance only allows for another CPU's kernels, far below any change of weights
+    # tolerance allows for another CPU's kernels and for prompts now being encoded padded
+    # to max_length (their embeddings moved ~1e-6, the images 1.3e-5), far below any change
+    # of weights
     expected = load_file(str(FIXTURES / "model-0.1.0-images.safetensors"))["images"]
-    torch.testing.assert_close(pipe.decode(latents), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pipe.decode(latents), expected, rtol=0, atol=5e-5)
     pipe.save_pretrained(tmp_path / "resaved")
     resaved = json.loads((tmp_path / "resaved" / "vae" / "config.json").read_text())
     assert not TRAINING_KEYS & set(resaved)

@@ -263,3 +263,15 @@ def test_packaged_minilm_loads_offline_and_ranks_prompts_by_meaning(monkeypatch)
     near = F.cosine_similarity(pooled[0], pooled[1], dim=0)
     far = F.cosine_similarity(pooled[0], pooled[2], dim=0)
     assert near > far + 0.1
+
+
+def test_a_prompts_embedding_is_bit_identical_whatever_shares_its_batch(monkeypatch):
+    # Padding a batch to its longest prompt moved "a red circle" by ~1e-6 beside a longer
+    # caption, so caches and batched sampling changed a model's bits.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    encoder = TextEncoder("sentence-transformers/all-MiniLM-L6-v2", max_length=24)
+    alone = encoder.encode(["a red circle"])
+    beside = encoder.encode(["a big yellow cross above a small purple triangle on the left",
+                             "a red circle"])[1:]
+    assert torch.equal(alone.tokens, beside.tokens) and torch.equal(alone.mask, beside.mask)
+    assert torch.equal(alone.pooled, beside.pooled)

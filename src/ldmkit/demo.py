@@ -86,9 +86,9 @@ def demo_config(args: argparse.Namespace) -> tuple[Config, float]:
         # the step counts become ceilings the minutes will hit first
         cfg.vae.steps, cfg.train.steps = 100_000, 100_000
     # The caches stay in the run (the config's default, <run>/cache), not shared between
-    # demos: a caption's embedding carries float rounding from the batch it was encoded in,
-    # so a cache that another seed's demo filled gave `ldmkit demo --seed 2` other U-Net
-    # bits than a fresh clone's (held-out pairs 98 % vs 93 %).
+    # demos: a run is everything it used, deleting it leaves nothing behind, and nothing
+    # another demo wrote can reach its bits (a shared cache once did, before captions were
+    # padded to max_length: `ldmkit demo --seed 2` read 98 % held-out instead of 93 %).
     return cfg, minutes
 
 

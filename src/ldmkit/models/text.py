@@ -216,9 +216,7 @@ class TextEncoder:
         dtype mismatch. Padded token positions are zero."""
         prompts = check_prompts(prompts)
         out = self.null().expand(len(prompts))._map(torch.Tensor.clone)
-        # Similar lengths share a batch, so padding to the batch's longest wastes little.
-        real = sorted((i for i, p in enumerate(prompts) if p.strip()),
-                      key=lambda i: len(prompts[i]))
+        real = [i for i, p in enumerate(prompts) if p.strip()]
         chunks = [real[i:i + batch_size] for i in range(0, len(real), batch_size)]
         cut: list[tuple[str, int]] = []
         for chunk in _progress(chunks, progress, "encoding captions"):
@@ -232,13 +230,17 @@ class TextEncoder:
         return out
 
     def _forward(self, texts: list[str], cut: list | None = None) -> TextEmbeddings:
-        """One batch through the model. Pads only to the batch's longest prompt (real
-        positions don't depend on padding under the mask), then zero-pads to max_length."""
+        """One batch through the model, every prompt padded to max_length.
+
+        Padding to the batch's longest prompt would be cheaper, but the padded length
+        changes the float rounding of the real positions (~1e-6, also after fp16 storage),
+        so a prompt's embedding, and every image and model trained on it, would depend on
+        which prompts shared its batch: a cache filled by one run changed another's bits."""
         if cut is not None:
             lengths = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
             cut += [(t, len(ids) - self.max_length) for t, ids in zip(texts, lengths)
                     if len(ids) > self.max_length]
-        batch = self.tokenizer(texts, padding="longest", truncation=True,
+        batch = self.tokenizer(texts, padding="max_length", truncation=True,
                                max_length=self.max_length, return_tensors="pt")
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool()
@@ -251,8 +253,7 @@ class TextEncoder:
             pooled = out.pooler_output.float()
         else:
             pooled = masked_mean(tokens, mask)
-        extra = self.max_length - ids.shape[1]
-        return TextEmbeddings(F.pad(tokens, (0, 0, 0, extra)), F.pad(mask, (0, extra)), pooled)
+        return TextEmbeddings(tokens, mask, pooled)
 
 
 # ----------------------------------------------------------------------------- loading

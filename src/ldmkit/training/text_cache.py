@@ -41,7 +41,9 @@ from ldmkit.training.mapped import ShardedRows, file_digest, file_rows, map_tens
 
 log = logging.getLogger(__name__)
 
-FORMAT = "ldmkit-text-cache/1"
+# /2: embeddings padded to max_length in the encoder, so they no longer depend on their
+# batch-mates; /1 caches hold bits that a fresh encode would not give back.
+FORMAT = "ldmkit-text-cache/2"
 MANIFEST = "manifest.json"
 MAX_SHARDS = 8
 _STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
