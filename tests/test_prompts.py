@@ -96,9 +96,15 @@ def test_the_headline_samplers_other_step_counts_get_as_many_paired_images_as_th
     from ldmkit.evaluation.fidelity import standard_entries
 
     entries = standard_entries(200, 100, 500)
-    rows = {(e.prompt_set, e.sampler, e.steps, e.guidance): e.n for e in entries}
-    assert rows[("single", HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance)] == 200
-    assert rows[("single", HEADLINE.sampler, 10, HEADLINE.guidance)] == 200
-    assert rows[("single", "ddim", 10, HEADLINE.guidance)] == 100
-    assert rows[("single", HEADLINE.sampler, HEADLINE.steps, 1.0)] == 100
+    rows = {(e.prompt_set, e.sampler, e.steps, e.guidance, e.guidance_rescale): e.n
+            for e in entries}
+    head = (HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance)
+    phi = HEADLINE.guidance_rescale
+    assert phi > 0
+    assert rows[("single", *head, phi)] == 200
+    assert rows[("single", HEADLINE.sampler, 10, HEADLINE.guidance, phi)] == 200
+    assert rows[("single", "ddim", 10, HEADLINE.guidance, phi)] == 100
+    assert rows[("single", HEADLINE.sampler, HEADLINE.steps, 1.0, phi)] == 100
+    # plain CFG beside the headline on every set, paired with it
+    assert all(rows[(s, *head, 0.0)] == 200 for s in ("single", "two", "heldout"))
     assert len(rows) == len(entries)  # no setting measured twice

@@ -74,7 +74,8 @@ def test_health_and_model_describe_the_server_and_the_model(client):
     assert [s["name"] for s in model["samplers"]] == list(SAMPLERS)
     assert model["image_size"] == 16 and model["limits"]["steps"] == 50
     assert model["defaults"] == {"sampler": HEADLINE.sampler, "steps": HEADLINE.steps,
-                                 "guidance": HEADLINE.guidance}
+                                 "guidance": HEADLINE.guidance,
+                                 "guidance_rescale": HEADLINE.guidance_rescale}
     assert client.get("/docs").status_code == 200
     assert "/v1/images" in client.get("/openapi.json").json()["paths"]
 
@@ -94,7 +95,8 @@ def test_images_are_pngs_of_the_model_size_with_the_settings_used(client):
     assert Image.open(io.BytesIO(pngs[0])).size == (16, 16)
     assert body["settings"] == {"prompt": "a red circle", "negative_prompt": "a blue square",
                                 "n": 2, "steps": 3, "guidance": HEADLINE.guidance,
-                                "sampler": HEADLINE.sampler, "seed": 7}
+                                "sampler": HEADLINE.sampler,
+                                "guidance_rescale": HEADLINE.guidance_rescale, "seed": 7}
     assert body["warnings"] == []
 
 
@@ -129,10 +131,19 @@ def test_an_overlong_prompt_is_truncated_with_a_warning(client):
     assert body["warnings"] and "prompt is" in body["warnings"][0]
 
 
+def test_guidance_rescale_defaults_to_the_headline_and_plain_cfg_can_be_asked_for(client):
+    default = client.post("/v1/images", json=_request()).json()
+    plain = client.post("/v1/images", json=_request(guidance_rescale=0.0)).json()
+    assert default["settings"]["guidance_rescale"] == HEADLINE.guidance_rescale
+    assert plain["settings"]["guidance_rescale"] == 0.0
+    assert np.abs(_pixels(_pngs(default)[0]) - _pixels(_pngs(plain)[0])).max() > 0
+
+
 BAD = [("guidance", float("nan")), ("guidance", float("inf")), ("guidance", -1.0),
        ("n", 0), ("n", MAX_IMAGES_PER_REQUEST + 1), ("n", 10**9), ("steps", 0),
        ("steps", 51), ("steps", 10**12), ("sampler", "euler"), ("seed", -1),
-       ("prompt", "x" * 10_001), ("prompt", 12), ("n", "many"), ("colour", "red")]
+       ("prompt", "x" * 10_001), ("prompt", 12), ("n", "many"), ("colour", "red"),
+       ("guidance_rescale", 1.5), ("guidance_rescale", float("nan"))]
 
 
 @pytest.mark.parametrize("field, value", BAD, ids=[f"{f}={str(v)[:12]}" for f, v in BAD])

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one of %(choices)s (default %(default)s)")
     p.add_argument("--guidance", type=float, default=HEADLINE.guidance,
                    help="classifier-free guidance scale (default %(default)s)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--guidance-rescale", type=float, default=HEADLINE.guidance_rescale,
+                   help="Lin et al.'s phi, 0..1; 0 = plain CFG (default %(default)s)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)

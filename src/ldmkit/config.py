@@ -156,7 +156,7 @@ class SampleConfig:
     sampler: str = _opt(HEADLINE.sampler, choices=tuple(SAMPLERS))
     steps: int = _opt(HEADLINE.steps, lo=1)
     guidance: float = _opt(HEADLINE.guidance, lo=0.0)
-    guidance_rescale: float = _opt(0.0, lo=0.0, hi=1.0)
+    guidance_rescale: float = _opt(HEADLINE.guidance_rescale, lo=0.0, hi=1.0)
     eta: float = _opt(0.0, lo=0.0, hi=1.0)
     n: int = _opt(8, lo=1)
     seed: int = _opt(0, lo=0)

@@ -236,8 +236,7 @@ def evaluate(pipe, snapshots: list, out: Path, tiny: bool = False):
         sweeps.append((f"early (step {early.step})", rows))
     write_json_atomic(out / "evaluation.json", result.to_json())
 
-    single = [r for r in result.fidelity
-              if r.prompt_set == "single" and r.guidance == HEADLINE.guidance]
+    single = [r for r in result.fidelity if r.prompt_set == "single" and r.at_headline_guidance]
     plot_fidelity_vs_steps(single, out / "fidelity_vs_steps.png", list(SAMPLERS), timesteps,
                            reference_sampler(), f"fidelity vs steps (w = {HEADLINE.guidance:g})")
     plot_fidelity_vs_guidance(sweeps, out / "cfg_fidelity.png",

@@ -90,7 +90,8 @@ class TextToImagePipeline:
         return batch, self.vae.config.latent_channels, h, w
 
     def denoiser(self, cond: TextEmbeddings, uncond: TextEmbeddings, guidance_scale: float,
-                 guidance_rescale: float = 0.0, two_pass: bool = False) -> CFGDenoiser:
+                 guidance_rescale: float = HEADLINE.guidance_rescale,
+                 two_pass: bool = False) -> CFGDenoiser:
         device = self.device
         return CFGDenoiser(self.unet, self.schedule, self.prediction, cond.to(device),
                            uncond.to(device), guidance_scale, guidance_rescale, self.x0_clamp,
@@ -119,8 +120,8 @@ class TextToImagePipeline:
     def denoise(self, x_T: torch.Tensor, cond: TextEmbeddings, uncond: TextEmbeddings,
                 num_inference_steps: int, guidance_scale: float, sampler: str,
                 generator: torch.Generator | None = None, callback: StepCallback | None = None,
-                eta: float = 0.0, guidance_rescale: float = 0.0, two_pass: bool = False,
-                bf16: bool = False) -> torch.Tensor:
+                eta: float = 0.0, guidance_rescale: float = HEADLINE.guidance_rescale,
+                two_pass: bool = False, bf16: bool = False) -> torch.Tensor:
         """The guided sampler from given noise and conditioning (rows = images): the one
         loop that `generate_latents` and the server's batches run. Arguments are trusted
         (checked by the callers); non-finite latents are refused."""
@@ -138,8 +139,8 @@ class TextToImagePipeline:
                          guidance_scale: float = HEADLINE.guidance,
                          sampler: str = HEADLINE.sampler, generator: torch.Generator | None = None,
                          callback: StepCallback | None = None, eta: float = 0.0,
-                         guidance_rescale: float = 0.0, two_pass: bool = False,
-                         bf16: bool = False) -> torch.Tensor:
+                         guidance_rescale: float = HEADLINE.guidance_rescale,
+                         two_pass: bool = False, bf16: bool = False) -> torch.Tensor:
         """Scaled latents for a list of prompts (one image each). `bf16` runs the U-Net
         under bf16 autocast (the sampler's own arithmetic stays float32). More than
         `sampling_args.CHUNK` prompts run that many at a time (bounded memory); the
@@ -175,7 +176,8 @@ class TextToImagePipeline:
                  guidance_scale: float = HEADLINE.guidance, sampler: str = HEADLINE.sampler,
                  generator: torch.Generator | None = None,
                  callback: StepCallback | None = None, num_images_per_prompt: int = 1,
-                 eta: float = 0.0, guidance_rescale: float = 0.0) -> list[Image.Image]:
+                 eta: float = 0.0, guidance_rescale: float = HEADLINE.guidance_rescale
+                 ) -> list[Image.Image]:
         """PIL images, `num_images_per_prompt` per prompt; deterministic for a generator.
         `callback(step_index, t, x_t, x0_hat)` sees every step (latents, scaled)."""
         prompts = check_prompts(prompt)

@@ -17,16 +17,17 @@ if TYPE_CHECKING:  # types only: formatting needs none of these modules at run t
 
 
 def headline_setting() -> str:
-    """'DPM-Solver++ 2M 20 steps, guidance 5': the setting every headline number uses."""
+    """'DPM-Solver++ 2M 20 steps, guidance 5 (rescale 0.7)': the setting every headline
+    number uses."""
     return (f"{SAMPLERS[HEADLINE.sampler].title} {HEADLINE.steps} steps, "
-            f"guidance {HEADLINE.guidance:g}")
+            f"guidance {HEADLINE.guidance:g} (rescale {HEADLINE.guidance_rescale:g})")
 
 
 def fidelity_table(rows: Sequence[FidelityRow]) -> str:
-    lines = ["| prompt set | sampler | steps | guidance | fidelity | n |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| prompt set | sampler | steps | guidance | rescale | fidelity | n |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r.prompt_set} | {r.sampler} | {r.steps} | {r.guidance:g} | "
-              f"{r.fidelity:.1%} | {r.n} |" for r in rows]
+              f"{r.guidance_rescale:g} | {r.fidelity:.1%} | {r.n} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -125,9 +126,15 @@ Same prompts and initial noise, w = 1 (no guidance) to 7.5:
 
 def _samplers(evaluation: Evaluation) -> str:
     rows = [r for r in evaluation.fidelity
-            if r.prompt_set == "single" and r.guidance == HEADLINE.guidance]
-    return f"""## Samplers
+            if r.prompt_set == "single" and r.at_headline_guidance]
+    text = f"""## Samplers
 
 ![fidelity vs steps](fidelity_vs_steps.png)
 
 {fidelity_table(rows)}"""
+    pairs = [(r, h) for r in evaluation.fidelity if r.is_plain_cfg_headline
+             for h in evaluation.fidelity if h.is_headline and h.prompt_set == r.prompt_set]
+    if pairs:
+        text += ("\n\nGuidance rescale (Lin et al. 2024) against plain CFG, the same prompts "
+                 "and noise:\n\n" + fidelity_table([row for pair in pairs for row in pair]))
+    return text

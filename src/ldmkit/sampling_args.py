@@ -148,7 +148,7 @@ class SamplingArgs:
     guidance: float = HEADLINE.guidance
     sampler: str = HEADLINE.sampler
     seed: int = 0
-    guidance_rescale: float = 0.0
+    guidance_rescale: float = HEADLINE.guidance_rescale
 
     def checked(self, timesteps: int, max_n: int | None = None,
                 max_prompt_chars: int | None = None) -> SamplingArgs:

@@ -1,6 +1,6 @@
 """Prompt fidelity of a trained model on the shapes data: generate from fresh prompts,
 let the judge read the attributes back, count the images that match everything the
-prompt states. One entry per (prompt set, sampler, steps, guidance)."""
+prompt states. One entry per (prompt set, sampler, steps, guidance, guidance rescale)."""
 
 from __future__ import annotations
 
@@ -25,16 +25,20 @@ NOISE_SEED = 7
 
 @dataclass(frozen=True)
 class Entry:
-    """One setting to evaluate: n images of a prompt set, one sampler, steps, guidance."""
+    """One setting to evaluate: n images of a prompt set, one sampler, steps, guidance
+    and guidance rescale (the headline's unless a row compares against plain CFG)."""
 
     prompt_set: str
     sampler: str
     steps: int
     guidance: float
     n: int
+    guidance_rescale: float = HEADLINE.guidance_rescale
 
     def at(self, sampler: str, steps: int, guidance: float) -> bool:
-        return (self.sampler, self.steps, self.guidance) == (sampler, steps, guidance)
+        """At this sampler, steps and guidance, with the headline's guidance rescale."""
+        return ((self.sampler, self.steps, self.guidance, self.guidance_rescale)
+                == (sampler, steps, guidance, HEADLINE.guidance_rescale))
 
     @property
     def is_headline(self) -> bool:
@@ -45,8 +49,19 @@ class Entry:
         """The headline sampler and steps, at any guidance."""
         return self.at(HEADLINE.sampler, HEADLINE.steps, self.guidance)
 
+    @property
+    def at_headline_guidance(self) -> bool:
+        """Any sampler and steps, at the headline guidance and guidance rescale."""
+        return self.at(self.sampler, self.steps, HEADLINE.guidance)
 
-@dataclass(frozen=True)
+    @property
+    def is_plain_cfg_headline(self) -> bool:
+        """The headline sampler, steps and guidance without guidance rescale."""
+        return ((self.sampler, self.steps, self.guidance, self.guidance_rescale)
+                == (HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance, 0.0))
+
+
+@dataclass(frozen=True, kw_only=True)
 class FidelityRow(Entry):
     """An evaluated entry: the fraction of its images the judge found faithful."""
 
@@ -107,7 +122,8 @@ def without_wall_times(row) -> dict:
 def row_seconds(rows) -> list[list]:
     """[what the row measured, its wall time] per row, in evaluation.json's order."""
     return [[" ".join(f"{k}={v}" for k, v in without_wall_times(r).items()
-                      if k in ("prompt_set", "sampler", "steps", "guidance")), r.seconds]
+                      if k in ("prompt_set", "sampler", "steps", "guidance",
+                               "guidance_rescale")), r.seconds]
             for r in rows]
 
 
@@ -128,14 +144,22 @@ def sampler_entries(n: int, timesteps: int, prompt_set: str = "single") -> list[
     return rows + [Entry(prompt_set, reference_sampler(), timesteps, w, n)]
 
 
+def plain_cfg_entries(n: int) -> list[Entry]:
+    """Every prompt set at the headline setting without guidance rescale: what the rescale
+    buys, on the same prompts and noise."""
+    return [Entry(s, HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance, n, 0.0)
+            for s in PROMPT_SETS]
+
+
 def standard_entries(n_head: int, n_other: int, timesteps: int) -> list[Entry]:
-    """The CFG sweep (n_head images each) then the sampler rows that the sweep does not
+    """The CFG sweep (n_head images each), the sampler rows that the sweep does not
     already hold (its headline row): n_head images for the headline sampler's other step
     counts, so "10 steps against 20" compares equally many paired images; n_other for the
-    other samplers."""
+    other samplers; then the headline without guidance rescale (n_head)."""
     sweep = guidance_entries(n_head, n_other)
     rows = [e for e in sampler_entries(n_other, timesteps) if not e.is_headline]
-    return sweep + [replace(e, n=n_head) if e.sampler == HEADLINE.sampler else e for e in rows]
+    return (sweep + [replace(e, n=n_head) if e.sampler == HEADLINE.sampler else e for e in rows]
+            + plain_cfg_entries(n_head))
 
 
 class FidelityEvaluator:
@@ -171,6 +195,7 @@ class FidelityEvaluator:
             latents = pipe.generate_latents(prompts[start:start + self.batch_size],
                                             num_inference_steps=entry.steps,
                                             guidance_scale=entry.guidance,
+                                            guidance_rescale=entry.guidance_rescale,
                                             sampler=entry.sampler, generator=generator,
                                             bf16=self.bf16)
             out.append(pipe.decode(latents))

@@ -62,6 +62,8 @@ class ImageRequest(BaseModel):
     guidance: float = Field(HEADLINE.guidance,
                             description=f"classifier-free guidance scale, 0..{GUIDANCE_MAX:g}")
     sampler: str = Field(HEADLINE.sampler, description=f"one of {', '.join(SAMPLERS)}")
+    guidance_rescale: float = Field(HEADLINE.guidance_rescale,
+                                    description="Lin et al. 2024's phi, 0..1; 0 = plain CFG")
     seed: int | None = Field(None, description="0..2**63-1; omitted = a random one, "
                                                "reported in `settings`")
 
@@ -77,6 +79,7 @@ class Settings(BaseModel):
     steps: int
     guidance: float
     sampler: str
+    guidance_rescale: float
     seed: int
 
 
@@ -118,7 +121,8 @@ def create_app(pipe: TextToImagePipeline, queue_size: int = 64, max_batch: int =
         seed = secrets.randbelow(2**31) if body.seed is None else body.seed
         try:
             args = SamplingArgs(body.prompt, body.negative_prompt, body.n, body.steps,
-                                body.guidance, body.sampler, seed).checked(
+                                body.guidance, body.sampler, seed,
+                                body.guidance_rescale).checked(
                 pipe.schedule.timesteps, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS)
             if preview_every:
                 check_count(preview_every, "preview_every")
@@ -137,7 +141,7 @@ def create_app(pipe: TextToImagePipeline, queue_size: int = 64, max_batch: int =
         a = job.args
         settings = {"prompt": a.prompt, "negative_prompt": a.negative_prompt, "n": a.n,
                     "steps": a.steps, "guidance": a.guidance, "sampler": a.sampler,
-                    "seed": a.seed}
+                    "guidance_rescale": a.guidance_rescale, "seed": a.seed}
         return {**payload, "settings": settings}
 
     @app.post("/v1/images", response_model=ImageResponse,
@@ -205,7 +209,8 @@ def create_app(pipe: TextToImagePipeline, queue_size: int = 64, max_batch: int =
             "samplers": [{"name": name, "title": info.title, "paper": info.paper,
                           "batched": not info.stochastic} for name, info in SAMPLERS.items()],
             "defaults": {"sampler": HEADLINE.sampler, "steps": HEADLINE.steps,
-                         "guidance": HEADLINE.guidance},
+                         "guidance": HEADLINE.guidance,
+                         "guidance_rescale": HEADLINE.guidance_rescale},
             "limits": {"n": MAX_IMAGES_PER_REQUEST, "steps": pipe.schedule.timesteps,
                        "guidance": [0.0, GUIDANCE_MAX], "prompt_chars": MAX_PROMPT_CHARS,
                        "queue_size": batcher.queue_size, "max_batch": batcher.max_batch},
