@@ -347,3 +347,28 @@ QUICK = Sizes(quick=True, train_batch=16, train_items=64, train_rounds=2, train_
 
 def sizes(quick: bool) -> Sizes:
     return QUICK if quick else FULL
+
+
+def judge_demo_models(description: str, default_out: Path, measure: Callable,
+                      header: dict) -> None:
+    """The command line of a paired-fidelity benchmark on trained demo models: for each
+    model folder, `measure(model, evaluator, n)` -> {prompt set: {row: fidelity}}; writes
+    {machine, n, **header, models} to --out."""
+    import argparse
+
+    from ldmkit.evaluation.fidelity import PROMPT_POOL, FidelityEvaluator
+    from ldmkit.io import write_json_atomic
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("models", nargs="+", type=Path, help="model folders (ldmkit demo's model/)")
+    ap.add_argument("--n", type=int, default=PROMPT_POOL, help="prompts per set")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    ap.add_argument("--out", type=Path, default=default_out)
+    args = ap.parse_args()
+    set_threads(args.threads)
+    torch.set_grad_enabled(False)
+    evaluator = FidelityEvaluator()
+    results = {"machine": machine_info(), "n": args.n, **header,
+               "models": {str(m): measure(m, evaluator, args.n) for m in args.models}}
+    write_json_atomic(args.out, results)
+    print(f"wrote {args.out}")

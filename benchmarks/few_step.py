@@ -13,18 +13,14 @@ as in the demo's evaluation.json; nothing here depends on the machine's speed.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-
-from benchlib import RESULTS_DIR, machine_info, set_threads  # noqa: E402
+from benchlib import RESULTS_DIR, judge_demo_models  # noqa: E402
 from ldmkit.diffusion import samplers  # noqa: E402
-from ldmkit.evaluation.fidelity import PROMPT_POOL, PROMPT_SETS, Entry, FidelityEvaluator  # noqa: E402
-from ldmkit.io import write_json_atomic  # noqa: E402
+from ldmkit.evaluation.fidelity import PROMPT_SETS, Entry, FidelityEvaluator  # noqa: E402
 
 GUIDANCE = 5.0
 # (row name, sampler, steps, LOWER_ORDER_FINAL_BELOW for the row)
@@ -52,22 +48,7 @@ def measure(model: Path, evaluator: FidelityEvaluator, n: int) -> dict:
     return table
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("models", nargs="+", type=Path, help="model folders (ldmkit demo's model/)")
-    ap.add_argument("--n", type=int, default=PROMPT_POOL, help="prompts per set")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "few_step.json")
-    args = ap.parse_args()
-    set_threads(args.threads)
-    evaluator = FidelityEvaluator()
-    results = {"machine": machine_info(), "guidance": GUIDANCE, "n": args.n,
-               "lower_order_final_below": samplers.LOWER_ORDER_FINAL_BELOW,
-               "models": {str(m): measure(m, evaluator, args.n) for m in args.models}}
-    write_json_atomic(args.out, results)
-    print(f"wrote {args.out}")
-
-
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
-    main()
+    judge_demo_models(__doc__.split("\n\n")[0], RESULTS_DIR / "few_step.json", measure,
+                      {"guidance": GUIDANCE,
+                       "lower_order_final_below": samplers.LOWER_ORDER_FINAL_BELOW})

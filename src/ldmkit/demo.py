@@ -23,7 +23,6 @@ from ldmkit.config import Config, load_config
 from ldmkit.devices import resolve_device
 from ldmkit.diffusion.registry import HEADLINE
 from ldmkit.io import atomic_write, write_json_atomic
-from ldmkit.report import headline_setting
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes-demo.toml"
 # Of a --minutes time box when the config's budgets are steps (as the shipped one's are):
@@ -240,7 +239,8 @@ def evaluate(pipe, snapshots: list, out: Path, tiny: bool = False):
     plot_fidelity_vs_steps(single, out / "fidelity_vs_steps.png", list(SAMPLERS), timesteps,
                            reference_sampler(), f"fidelity vs steps (w = {HEADLINE.guidance:g})")
     plot_fidelity_vs_guidance(sweeps, out / "cfg_fidelity.png",
-                              f"what guidance buys ({headline_setting()})")
+                              f"what guidance buys ({SAMPLERS[HEADLINE.sampler].title}, "
+                              f"{HEADLINE.steps} steps, rescale {HEADLINE.guidance_rescale:g})")
     return result
 
 

@@ -17,10 +17,10 @@ if TYPE_CHECKING:  # types only: formatting needs none of these modules at run t
 
 
 def headline_setting() -> str:
-    """'DPM-Solver++ 2M 20 steps, guidance 5 (rescale 0.7)': the setting every headline
+    """'DPM-Solver++ 2M 20 steps, guidance 5, rescale 0.7': the setting every headline
     number uses."""
     return (f"{SAMPLERS[HEADLINE.sampler].title} {HEADLINE.steps} steps, "
-            f"guidance {HEADLINE.guidance:g} (rescale {HEADLINE.guidance_rescale:g})")
+            f"guidance {HEADLINE.guidance:g}, rescale {HEADLINE.guidance_rescale:g}")
 
 
 def fidelity_table(rows: Sequence[FidelityRow]) -> str:
