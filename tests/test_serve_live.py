@@ -203,6 +203,7 @@ def test_the_page_generates_an_image_in_a_real_browser(server, tmp_path):
         assert driver.execute_script("return window.shown") >= 3  # previews, then the final
         card = driver.find_element(By.CSS_SELECTOR, "#gallery .card").text
         assert "a small red circle left of a blue square" in card and "seed 3" in card
+        assert "rescale 0.7" in card  # the headline guidance rescale, reported back
         assert driver.find_element(By.ID, "status").text.startswith("done")
         seed = driver.find_element(By.ID, "seed")  # a second image joins the gallery, first
         seed.clear()

@@ -71,7 +71,8 @@ function addToGallery(result) {
   const text = document.createElement("div");
   text.innerHTML = "<b></b><br>";
   text.querySelector("b").textContent = s.prompt || "(unconditional)";
-  text.append(`${s.sampler}, ${s.steps} steps, w = ${s.guidance}, seed ${s.seed}` +
+  text.append(`${s.sampler}, ${s.steps} steps, w = ${s.guidance}, ` +
+              `rescale ${s.guidance_rescale}, seed ${s.seed}` +
               (s.negative_prompt ? `, not “${s.negative_prompt}”` : ""));
   for (const w of result.warnings) text.append(document.createElement("br"), `⚠ ${w}`);
   card.append(img, text);
