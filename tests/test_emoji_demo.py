@@ -44,7 +44,8 @@ def test_tiny_emoji_demo_evaluation_json_has_the_promised_keys(demo_dir):
                 "heldout_subcategory", "fd_judge"):
         assert isinstance(result[key], float), key
     assert [r["guidance"] for r in result["guidance_sweep"]] == [1.0, 3.0, 5.0]
-    assert result["setting"] == {"sampler": "dpmpp-2m", "steps": 20, "guidance": 5.0}
+    assert result["setting"] == {"sampler": "dpmpp-2m", "steps": 20, "guidance": 5.0,
+                                 "guidance_rescale": 0.7}
     assert {"judge_on_heldout_real", "judge_on_heldout_vae_roundtrip"} <= set(result)
 
 

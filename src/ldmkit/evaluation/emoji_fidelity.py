@@ -71,7 +71,8 @@ class EmojiEvaluation:
                                               "fd_judge")}
         return {"vae_psnr": self.vae_psnr, **top,
                 "setting": {"sampler": head.sampler, "steps": head.steps,
-                            "guidance": head.guidance},
+                            "guidance": head.guidance,
+                            "guidance_rescale": HEADLINE.guidance_rescale},
                 "guidance_sweep": [without_wall_times(r) for r in self.rows],
                 "judge": self.judge, **self.extra}
 
@@ -121,6 +122,7 @@ def generate(pipe, prompts: list[str], guidance: float, batch_size: int = 200,
         latents = pipe.generate_latents(prompts[start:start + batch_size],
                                         num_inference_steps=HEADLINE.steps,
                                         guidance_scale=guidance, sampler=HEADLINE.sampler,
+                                        guidance_rescale=HEADLINE.guidance_rescale,
                                         generator=generator, bf16=bf16)
         out.append(pipe.decode(latents))
     return torch.cat(out)
