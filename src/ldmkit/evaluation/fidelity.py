@@ -35,10 +35,10 @@ class Entry:
     n: int
     guidance_rescale: float = HEADLINE.guidance_rescale
 
-    def at(self, sampler: str, steps: int, guidance: float) -> bool:
-        """At this sampler, steps and guidance, with the headline's guidance rescale."""
+    def at(self, sampler: str, steps: int, guidance: float,
+           guidance_rescale: float = HEADLINE.guidance_rescale) -> bool:
         return ((self.sampler, self.steps, self.guidance, self.guidance_rescale)
-                == (sampler, steps, guidance, HEADLINE.guidance_rescale))
+                == (sampler, steps, guidance, guidance_rescale))
 
     @property
     def is_headline(self) -> bool:
@@ -57,8 +57,7 @@ class Entry:
     @property
     def is_plain_cfg_headline(self) -> bool:
         """The headline sampler, steps and guidance without guidance rescale."""
-        return ((self.sampler, self.steps, self.guidance, self.guidance_rescale)
-                == (HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance, 0.0))
+        return self.at(HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance, 0.0)
 
 
 @dataclass(frozen=True, kw_only=True)
