@@ -51,6 +51,9 @@ def test_int_is_accepted_for_float():
     ("[data]\ndataset = 'folder'\nroot = 'x'\n[vae]\ninclude_heldout = true\n",
      "vae.include_heldout"),
     ("[train\nbatch_size = 4\n", "not valid TOML"),
+    ("[train]\nlr = nan\n", "train.lr"),  # NaN passes every range comparison
+    ("[sample]\nguidance_rescale = nan\n", "sample.guidance_rescale"),
+    ("[sample]\nguidance = inf\n", "sample.guidance"),
 ])
 def test_bad_config_is_refused_naming_file_and_key(tmp_path, text, culprit):
     path = tmp_path / "bad.toml"
@@ -98,15 +101,16 @@ def _sample_parser() -> argparse.ArgumentParser:
 
 
 def test_config_cli_and_pipeline_sample_with_the_headline_setting_by_default():
-    headline = (HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance)
+    headline = (HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance, HEADLINE.guidance_rescale)
     cfg = SampleConfig()
-    assert (cfg.sampler, cfg.steps, cfg.guidance) == headline
+    assert (cfg.sampler, cfg.steps, cfg.guidance, cfg.guidance_rescale) == headline
     args = _sample_parser().parse_args(["--model", "m", "--prompt", "p", "--out", "o"])
-    assert (args.sampler, args.steps, args.guidance) == headline
+    assert (args.sampler, args.steps, args.guidance, args.guidance_rescale) == headline
     for method in (TextToImagePipeline.__call__, TextToImagePipeline.generate_latents):
         params = inspect.signature(method).parameters
         assert (params["sampler"].default, params["num_inference_steps"].default,
-                params["guidance_scale"].default) == headline, method.__name__
+                params["guidance_scale"].default,
+                params["guidance_rescale"].default) == headline, method.__name__
 
 
 def test_sample_frames_follow_the_pipelines_default_step_count():

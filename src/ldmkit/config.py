@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -275,6 +276,8 @@ def _check_value(name: str, expected: Any, meta: Any, value: Any, source: str) -
             raise ConfigError(f"{source}: {name} = {item!r} is not one of "
                               f"{', '.join(map(repr, meta['choices']))}")
         if isinstance(item, (int, float)) and not isinstance(item, bool):
+            if not math.isfinite(item):  # NaN slips past every range comparison
+                raise ConfigError(f"{source}: {name} = {item!r} must be a finite number")
             if meta.get("lo") is not None and item < meta["lo"]:
                 raise ConfigError(f"{source}: {name} = {item!r} is out of range "
                                   f"(must be >= {meta['lo']})")
