@@ -269,9 +269,19 @@ def test_a_prompts_embedding_is_bit_identical_whatever_shares_its_batch(monkeypa
     # Padding a batch to its longest prompt moved "a red circle" by ~1e-6 beside a longer
     # caption, so caches and batched sampling changed a model's bits.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    encoder = TextEncoder("sentence-transformers/all-MiniLM-L6-v2", max_length=24)
+    encoder = TextEncoder("sentence-transformers/all-MiniLM-L6-v2", max_length=77)
     alone = encoder.encode(["a red circle"])
-    beside = encoder.encode(["a big yellow cross above a small purple triangle on the left",
-                             "a red circle"])[1:]
+    longer = "a big yellow cross above a small purple triangle on the left " * 3
+    assert encoder.padded_length(len(encoder.tokenizer(longer)["input_ids"])) > 32
+    beside = encoder.encode([longer, "a red circle"])[1:]
     assert torch.equal(alone.tokens, beside.tokens) and torch.equal(alone.mask, beside.mask)
     assert torch.equal(alone.pooled, beside.pooled)
+
+
+def test_a_prompt_is_padded_to_its_own_token_count_rounded_up_to_32_at_most_max_length(
+        tmp_path):
+    encoder = TextEncoder(str(make_tiny_bert(tmp_path)), max_length=40)
+    assert [encoder.padded_length(n) for n in (1, 13, 32, 33, 40, 90)] == [32, 32, 32, 40, 40, 40]
+    with pytest.warns(PromptTruncatedWarning):
+        emb = encoder.encode(["green", "a red circle " * 20])  # 60+ tokens: cut to 40
+    assert emb.tokens.shape[1] == 40 and emb.mask[1].all() and emb.mask[0].sum() < 32

@@ -41,8 +41,9 @@ from ldmkit.training.mapped import ShardedRows, file_digest, file_rows, map_tens
 
 log = logging.getLogger(__name__)
 
-# /2: embeddings padded to max_length in the encoder, so they no longer depend on their
-# batch-mates; /1 caches hold bits that a fresh encode would not give back.
+# /2: each caption padded in the encoder to a length fixed by the caption alone
+# (TextEncoder.padded_length), never by its batch-mates; /1 caches hold bits that a
+# fresh encode would not give back.
 FORMAT = "ldmkit-text-cache/2"
 MANIFEST = "manifest.json"
 MAX_SHARDS = 8
