@@ -87,7 +87,7 @@ def demo_config(args: argparse.Namespace) -> tuple[Config, float]:
     # The caches stay in the run (the config's default, <run>/cache), not shared between
     # demos: a run is everything it used, deleting it leaves nothing behind, and nothing
     # another demo wrote can reach its bits (a shared cache once did, before captions were
-    # padded to max_length: `ldmkit demo --seed 2` read 98 % held-out instead of 93 %).
+    # padded per caption: `ldmkit demo --seed 2` read 98 % held-out instead of 93 %).
     return cfg, minutes
 
 
