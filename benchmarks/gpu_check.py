@@ -68,7 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma list of configs")
     ap.add_argument("--demo-args", default="",
-                    help="extra arguments for `ldmkit demo`, e.g. 'train.minutes=1'")
+                    help="extra arguments for `ldmkit demo`, e.g. 'train.compile=default'")
+    ap.add_argument("--demo-out", type=Path, default=None,
+                    help="keep the demo's folder here (report, images); by default it is "
+                         "written to a temporary folder, removed at the end")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -134,6 +137,8 @@ class Check:
     def demo(self, tiny: bool, timeout: float) -> dict:
         """`ldmkit demo` on the device, then what it wrote: timings and fidelity."""
         out = self.work / ("tiny-demo" if tiny else "demo")
+        if not tiny and self.args.demo_out is not None:
+            out = self.args.demo_out
         cmd = [sys.executable, "-m", "ldmkit.cli", "demo", "--out", str(out),
                "--device", "cpu" if self.dry else "cuda"]
         cmd += ["--tiny"] if tiny or self.dry else []
@@ -293,13 +298,13 @@ def _module_version(package: str) -> str:
 
 
 def demo_fidelity(evaluation: dict) -> dict:
-    """The headline fidelity per prompt set (w = 5, DPM-Solver++ 20) and the judge."""
-    from ldmkit.diffusion.registry import HEADLINE
+    """The headline fidelity per prompt set (w = 5, DPM-Solver++ 20, the headline's
+    guidance rescale: not the plain-CFG row beside it) and the judge."""
+    from ldmkit.evaluation.fidelity import Entry
 
-    head = {r["prompt_set"]: r["fidelity"] for r in evaluation.get("fidelity", [])
-            if (r["sampler"], r["steps"], r["guidance"]) ==
-            (HEADLINE.sampler, HEADLINE.steps, HEADLINE.guidance)}
-    n = {r["prompt_set"]: r["n"] for r in evaluation.get("fidelity", [])}
+    rows = [(Entry.from_json(r), r) for r in evaluation.get("fidelity", [])]
+    head = {e.prompt_set: r["fidelity"] for e, r in rows if e.is_headline}
+    n = {e.prompt_set: e.n for e, _ in rows if e.is_headline}
     return {"fidelity_headline": head, "fidelity_n": n,
             "judge_accuracy": evaluation.get("judge_accuracy")}
 

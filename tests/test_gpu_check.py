@@ -20,11 +20,17 @@ import gpu_check  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    """One dry run of two configs: the first gets every compile mode, the second the best."""
-    out = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
-    assert gpu_check.main(["--cpu-dry-run", "--out", str(out),
-                           "--configs", "shapes-demo,coco64"]) == 0
+def dry_run_folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gpu_check")
+
+
+@pytest.fixture(scope="module")
+def dry_run(dry_run_folder):
+    """One dry run of two configs: the first gets every compile mode, the second the best;
+    the demo's folder kept (--demo-out)."""
+    out = dry_run_folder / "gpu_check.json"
+    assert gpu_check.main(["--cpu-dry-run", "--out", str(out), "--configs", "shapes-demo,coco64",
+                           "--demo-out", str(dry_run_folder / "demo")]) == 0
     return json.loads(out.read_text())
 
 
@@ -70,6 +76,35 @@ def test_sampling_and_the_demo_report_speed_time_and_fidelity(dry_run):
     assert t["demo total seconds"]["value"] == demo["timings"]["total"]
     assert t["coco64 MFU at batch 256 (best mode)"]["value"] > 0  # the tiny batch stands in
     assert t["shapes-demo step ms at batch 128 (best mode)"]["met"] is not None
+
+
+def test_the_demo_folder_is_kept_where_asked_and_its_headline_is_read_back(dry_run,
+                                                                            dry_run_folder):
+    from ldmkit.evaluation.fidelity import Entry
+
+    evaluation = json.loads((dry_run_folder / "demo" / "evaluation.json").read_text())
+    assert (dry_run_folder / "demo" / "report.md").is_file()
+    head = {r["prompt_set"]: r["fidelity"] for r in evaluation["fidelity"]
+            if Entry.from_json(r).is_headline}
+    assert dry_run["demo"]["fidelity_headline"] == head
+
+
+def test_the_demos_headline_is_the_guidance_rescale_row_not_plain_cfg_beside_it():
+    """evaluation.json holds the headline (rescale 0.7) and plain CFG (0) at the same
+    sampler, steps and guidance: the check reports the first, whatever the order."""
+    from ldmkit.diffusion.registry import HEADLINE
+
+    def row(prompt_set, rescale, fidelity):
+        return {"prompt_set": prompt_set, "sampler": HEADLINE.sampler, "steps": HEADLINE.steps,
+                "guidance": HEADLINE.guidance, "n": 200, "guidance_rescale": rescale,
+                "fidelity": fidelity}
+
+    rows = [row("single", HEADLINE.guidance_rescale, 0.995), row("single", 0.0, 0.99),
+            row("two", 0.0, 0.5), row("two", HEADLINE.guidance_rescale, 0.97)]
+    for order in (rows, rows[::-1]):
+        got = gpu_check.demo_fidelity({"fidelity": order, "judge_accuracy": {}})
+        assert got["fidelity_headline"] == {"single": 0.995, "two": 0.97}
+        assert got["fidelity_n"] == {"single": 200, "two": 200}
 
 
 def test_a_section_that_does_not_fit_the_budget_says_so(tmp_path):

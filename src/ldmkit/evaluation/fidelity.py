@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,12 @@ class Entry:
            guidance_rescale: float = HEADLINE.guidance_rescale) -> bool:
         return ((self.sampler, self.steps, self.guidance, self.guidance_rescale)
                 == (sampler, steps, guidance, guidance_rescale))
+
+    @classmethod
+    def from_json(cls, row: dict) -> Entry:
+        """The setting of an evaluation.json row (a row written before the guidance
+        rescale existed has none: it ran at the headline's)."""
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
 
     @property
     def is_headline(self) -> bool:
