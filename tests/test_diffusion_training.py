@@ -229,3 +229,33 @@ def test_balance_by_draws_each_group_equally_often(setup, tmp_path, use_cache):
             draws += len(captions)
         shares[balance_by] = hits / draws
     assert 0.4 < shares["base"] < 0.6 and 0.1 < shares[""] < 0.3, shares
+
+
+def test_cached_batches_reach_the_device_without_blocking_copies(setup, tmp_path, monkeypatch):
+    """A blocking host-to-device copy drains a GPU's queue every step, so the host cannot
+    prepare the next step while the last one runs: every copy of a batch is non_blocking.
+    The device is `meta` here (not the CPU, where `.to` copies nothing)."""
+    from ldmkit.data import build_dataset
+    from ldmkit.models.text import TextEncoder
+
+    _, _, vae_dir, overrides = setup
+    cfg = load_config(None, overrides)
+    batches = latent_cache.training_batches(cfg, AutoencoderKL.from_pretrained(vae_dir), vae_dir,
+                                            TextEncoder.from_config(cfg.text),
+                                            build_dataset(cfg.data, "train"), tmp_path, "cpu", 0)
+    assert isinstance(batches, latent_cache.CachedBatches)
+    batches.device = torch.device("meta")
+    copies, to = [], torch.Tensor.to
+
+    def recording_to(tensor, *args, **kwargs):
+        target = next((a for a in (*args, kwargs.get("device")) if isinstance(a, torch.device)),
+                      None)
+        if target is not None and target.type != tensor.device.type:
+            copies.append(kwargs.get("non_blocking", False))
+        return to(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    latents, text = batches.next()
+    assert latents.device.type == "meta" and text.tokens.device.type == "meta"
+    assert text.mask.device.type == "meta"
+    assert len(copies) >= 4 and all(copies), copies  # mean, std, tokens, mask (and pooled)

@@ -95,6 +95,24 @@ def test_resume_continues_at_the_right_step_with_the_same_losses(tmp_path):
     assert (full / final).read_bytes() == (cut / final).read_bytes()
 
 
+def test_the_loop_reads_its_losses_back_only_on_logged_steps(tmp_path, monkeypatch):
+    """Reading a loss waits for the device (on a GPU: the whole queue drains). The loop
+    reads only on logged steps, so 3 more steps between two logs read nothing more."""
+    reads = []
+    for name in ("item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, _f=original, _n=name: (
+            reads.append(_n), _f(t))[1])
+    counts = {}
+    for steps in (3, 6):
+        reads.clear()
+        train_vae(tiny_config(f"vae.steps={steps}", "train.log_every=100"), tmp_path / str(steps))
+        counts[steps] = len(reads)
+    assert counts[6] == counts[3], counts  # only step 1 is logged in either run
+    rows = read_metrics(tmp_path / "6" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1] and {"loss", "recon", "kl"} <= rows[0].keys()
+
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -66,7 +66,7 @@ class TextEmbeddings:
         return self.tokens.shape[0]
 
     def to(self, *args: Any, **kwargs: Any) -> TextEmbeddings:
-        """Like Tensor.to(device, dtype); the mask keeps its bool dtype."""
+        """Like Tensor.to(device, dtype, non_blocking=...); the mask keeps its bool dtype."""
         device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
         for arg in args:
             if isinstance(arg, torch.dtype):
@@ -74,7 +74,7 @@ class TextEmbeddings:
             else:
                 device = arg
         floats = {"device": device, "dtype": dtype, **kwargs}
-        return TextEmbeddings(self.tokens.to(**floats), self.mask.to(device=device),
+        return TextEmbeddings(self.tokens.to(**floats), self.mask.to(device=device, **kwargs),
                               None if self.pooled is None else self.pooled.to(**floats))
 
     def _map(self, fn: Any) -> TextEmbeddings:

@@ -303,10 +303,13 @@ class CachedBatches:
                  torch.multinomial(self.weights, b, replacement=True))
         pick = (torch.rand(b) * self.counts[items]).long()
         rows = self.caption_row[self.first[items] + pick]
-        mean = self.mean.gather(items).to(self.device)
-        std = self.std.gather(items).to(self.device)
+        # Copies that do not wait for the device: a blocking one would drain the GPU's
+        # queue every step, so the host could never prepare a step while the last one runs
+        # (the bytes are staged at once; the gathered rows are not touched again).
+        mean = self.mean.gather(items).to(self.device, non_blocking=True)
+        std = self.std.gather(items).to(self.device, non_blocking=True)
         latents = (mean + std * torch.randn_like(mean)) * self.scale
-        return latents, self.captions.gather(rows).to(self.device)
+        return latents, self.captions.gather(rows).to(self.device, non_blocking=True)
 
 
 class LiveBatches:
@@ -324,8 +327,9 @@ class LiveBatches:
     @torch.no_grad()
     def next(self) -> Batch:
         images, captions = next(self.loader)
-        latents = self.vae.encode_latents(images.to(self.device), sample=True)
-        return latents.float(), self.text.encode(list(captions)).to(self.device)
+        # non_blocking: as in CachedBatches.next
+        latents = self.vae.encode_latents(images.to(self.device, non_blocking=True), sample=True)
+        return latents.float(), self.text.encode(list(captions)).to(self.device, non_blocking=True)
 
 
 def training_batches(cfg: Config, vae: AutoencoderKL, vae_dir: Path, text: TextEncoder,

@@ -152,13 +152,17 @@ def _train_loop(cfg: Config, accelerator, model, vae: AutoencoderKL, optimizer, 
         step += 1
 
         ips = speed.update(images_per_step)
-        shown = running.update(loss=loss.item(), recon=rec.item(), kl=kl.item())
-        bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()} | {"img/s": f"{ips:.1f}"})
         bar.update(step)
-        if main and (step % cfg.train.log_every == 0 or step == 1):
-            logger.log(step, loss=loss.item(), recon=rec.item(), kl=kl.item(),
-                       lr=scheduler.get_last_lr()[0], images_per_s=ips,
-                       elapsed_s=budget.elapsed)
+        if step % cfg.train.log_every == 0 or step == 1:
+            # reading a loss waits for the device: only when it is shown and logged, in one
+            # copy, so a GPU is not drained every step (as in the U-Net's loop)
+            values = dict(zip(("loss", "recon", "kl"),
+                              torch.stack([loss, rec, kl]).detach().float().tolist()))
+            shown = running.update(**values)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()} | {"img/s": f"{ips:.1f}"})
+            if main:
+                logger.log(step, **values, lr=scheduler.get_last_lr()[0], images_per_s=ips,
+                           elapsed_s=budget.elapsed)
         if step % cfg.train.checkpoint_every == 0:
             _checkpoint(accelerator, out_dir, step, vae, optimizer, scheduler, budget)
             saved_at = step
