@@ -34,10 +34,13 @@ TRUST = 0.98
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-items", type=int, default=6000, help="real training images")
+    p.add_argument("--num-items", type=int, default=9000, help="real training images")
+    p.add_argument("--off-grid-items", type=int, default=6000,
+                   help="more real training images: one object anywhere, not only on the "
+                        "data's five spots (generated objects land between them)")
     p.add_argument("--eval-n", type=int, default=2000, help="fresh real images to score")
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--no-bf16", action="store_true", help="train in float32")
@@ -51,25 +54,31 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     judge = train_judge(steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                        num_items=args.num_items, bf16=not args.no_bf16, log=print)
+                        num_items=args.num_items, bf16=not args.no_bf16, log=print,
+                        off_grid_items=args.off_grid_items)
     train_seconds = time.time() - start
     accuracy = judge_accuracy(judge, args.eval_n, args.eval_seed)
     degraded = judge_accuracy(judge, args.eval_n, args.eval_seed, augmented=True)
     # the demo generates 32x32 images (BENCHMARKS.md "64 vs 32"): the judge must read those
     at_32 = judge_accuracy(judge, args.eval_n, args.eval_seed, image_size=32)
     scenes = scene_accuracy(judge, args.eval_n, args.eval_seed)
+    # position off the grid is the nearest spot, ambiguous near the midlines: not trusted
+    off_grid = judge_accuracy(judge, args.eval_n, args.eval_seed, image_size=32, off_grid=True)
     print(f"trained in {train_seconds:.0f}s; accuracy {accuracy}; augmented {degraded}; "
-          f"32x32 {at_32}; whole scene {scenes:.4f}")
-    if min(accuracy.values()) < TRUST or min(at_32.values()) < TRUST:
+          f"32x32 {at_32}; whole scene {scenes:.4f}; off the grid, 32x32 {off_grid}")
+    trusted = [*accuracy.values(), *at_32.values(),
+               *(v for k, v in off_grid.items() if k != "position")]
+    if min(trusted) < TRUST:
         print(f"judge below {TRUST:.0%} on some attribute; not writing {args.out}",
               file=sys.stderr)
         return 1
     save_judge(judge, args.out, {
         "accuracy": accuracy, "accuracy_augmented": degraded, "accuracy_32": at_32,
-        "scene_accuracy": scenes,
+        "scene_accuracy": scenes, "accuracy_off_grid_32": off_grid,
         "eval": {"n": args.eval_n, "seed": args.eval_seed, "split": "val"},
         "train": {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size,
-                  "num_items": args.num_items, "bf16": not args.no_bf16,
+                  "num_items": args.num_items, "off_grid_items": args.off_grid_items,
+                  "bf16": not args.no_bf16,
                   "include_heldout": True, "seconds": round(train_seconds, 1),
                   "threads": torch.get_num_threads()},
         "parameters": judge_parameters(judge),

@@ -10,6 +10,7 @@ image against exactly what its prompt stated.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,18 +105,21 @@ def sample_scene(rng: np.random.Generator, two_object_fraction: float = 0.5,
 # ----------------------------------------------------------------------------- rendering
 
 
-def render_scene(scene: Scene, size: int, rng: np.random.Generator | None = None) -> Image.Image:
+def render_scene(scene: Scene, size: int, rng: np.random.Generator | None = None,
+                 centres: Sequence[tuple[float, float]] | None = None) -> Image.Image:
     """Draw at 4x and downsample with LANCZOS (antialiased edges). rng adds small jitter of
-    position and size; without it every object sits exactly at its nominal spot."""
+    position and size; without it every object sits exactly at its nominal spot. `centres`
+    (fractions of the image, one per object) puts the objects there instead."""
     big = size * _SUPERSAMPLE
     canvas = Image.new("RGB", (big, big), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    for obj in scene.objects:
-        fx, fy = POSITION_XY[obj.position]
+    for i, obj in enumerate(scene.objects):
+        fx, fy = POSITION_XY[obj.position] if centres is None else centres[i]
         radius = SIZE_RADIUS[obj.size]
         if rng is not None:
-            fx += rng.uniform(-_POSITION_JITTER, _POSITION_JITTER)
-            fy += rng.uniform(-_POSITION_JITTER, _POSITION_JITTER)
+            if centres is None:
+                fx += rng.uniform(-_POSITION_JITTER, _POSITION_JITTER)
+                fy += rng.uniform(-_POSITION_JITTER, _POSITION_JITTER)
             radius *= 1 + rng.uniform(-_RADIUS_JITTER, _RADIUS_JITTER)
         _draw_shape(draw, obj.shape, fx * big, fy * big, radius * big, COLORS[obj.color])
     return canvas.resize((size, size), Image.LANCZOS)

@@ -21,21 +21,26 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.data.shapes import (
     COLORS,
+    POSITION_XY,
     POSITIONS,
     SHAPES,
+    SIZE_RADIUS,
     SIZES,
     PromptSpec,
     Scene,
     ShapeObject,
     ShapesDataset,
+    render_scene,
     spec_matches,
 )
+from ldmkit.data.transforms import pil_to_tensor
 from ldmkit.errors import UserError
 from ldmkit.io import load_state_into, read_json, save_tensors_atomic, write_json_atomic
 from ldmkit.models.layers import group_norm
@@ -48,6 +53,7 @@ LAYOUT_RELATION = {"horizontal": "left of", "vertical": "above"}
 LAYOUT_POSITIONS = {"horizontal": ("left", "right"), "vertical": ("top", "bottom")}
 # "X right of Y" says the same as "Y left of X": flip to the two canonical relations.
 FLIPPED = {"right of": "left of", "below": "above"}
+OFF_GRID_STREAM = 13  # render_off_grid's own random stream beside the dataset's splits
 IGNORE = -100  # cross_entropy's ignore_index: slot B of a single-object scene has no label
 
 HEADS = {
@@ -170,9 +176,11 @@ def _object_labels(obj: ShapeObject, slot: str) -> dict[str, int]:
             f"shape_{slot}": SHAPES.index(obj.shape), f"size_{slot}": SIZES.index(obj.size)}
 
 
+Labelled = tuple[torch.Tensor, dict[str, torch.Tensor], list[Scene]]
+
+
 def render_labelled(num_items: int, seed: int, split: str = "train",
-                    image_size: int = IMAGE_SIZE
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[Scene]]:
+                    image_size: int = IMAGE_SIZE) -> Labelled:
     """Real images of every colour/shape pair (held-out ones included), with head targets."""
     data = ShapesDataset(image_size=image_size, num_items=num_items, seed=seed,
                          include_heldout=True, split=split)
@@ -181,6 +189,34 @@ def render_labelled(num_items: int, seed: int, split: str = "train",
         image, _, scene = data.item(i)
         images.append(image)
         scenes.append(scene)
+    return _labelled(images, scenes)
+
+
+def render_off_grid(num_items: int, seed: int, image_size: int = IMAGE_SIZE) -> Labelled:
+    """Single objects centred anywhere, up to 40 % of their radius past an edge. The data
+    puts objects on five spots only, but generated ones land between them too (a cross at
+    the top right, half out of the frame); the judge must read colour, shape and size
+    there as well. Their position label is the nearest of the five spots."""
+    rng = np.random.default_rng([seed, OFF_GRID_STREAM])
+    images, scenes = [], []
+    for _ in range(num_items):
+        size = SIZES[rng.integers(len(SIZES))]
+        margin = 0.6 * SIZE_RADIUS[size]
+        fx, fy = rng.uniform(margin, 1 - margin, size=2)
+        obj = ShapeObject(COLOR_NAMES[rng.integers(len(COLOR_NAMES))],
+                          SHAPES[rng.integers(len(SHAPES))], size, nearest_position(fx, fy))
+        scene = Scene((obj,), None)
+        images.append(pil_to_tensor(render_scene(scene, image_size, rng, centres=[(fx, fy)])))
+        scenes.append(scene)
+    return _labelled(images, scenes)
+
+
+def nearest_position(fx: float, fy: float) -> str:
+    """The position word of the nearest of the five spots (fractions of the image)."""
+    return min(POSITIONS, key=lambda p: math.dist(POSITION_XY[p], (fx, fy)))
+
+
+def _labelled(images: list[torch.Tensor], scenes: list[Scene]) -> Labelled:
     rows = [scene_labels(s) for s in scenes]
     labels = {k: torch.tensor([r[k] for r in rows]) for k in HEADS}
     return torch.stack(images), labels, scenes
@@ -246,11 +282,18 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor
 
 def train_judge(steps: int = 400, seed: int = 0, batch_size: int = 128,
                 num_items: int = 6000, lr: float = 3e-3, width: int = 32, hidden: int = 96,
-                bf16: bool = True, log: Callable[[str], None] | None = None) -> ShapesJudge:
-    """Train a judge from scratch on real renders with augmentation (CPU, a few minutes)."""
+                bf16: bool = True, log: Callable[[str], None] | None = None,
+                off_grid_items: int = 0) -> ShapesJudge:
+    """Train a judge from scratch on real renders with augmentation (CPU, a few minutes):
+    `num_items` scenes as the data draws them, and `off_grid_items` single objects
+    anywhere (`render_off_grid`)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     images, labels, _ = render_labelled(num_items, seed, "train")
+    if off_grid_items:
+        free, free_labels, _ = render_off_grid(off_grid_items, seed)
+        images = torch.cat([images, free])
+        labels = {k: torch.cat([labels[k], free_labels[k]]) for k in HEADS}
     judge = ShapesJudge(width=width, hidden=hidden)
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     # One-cycle: a short warm-up, then cosine decay to zero, so a fixed step count is enough.
@@ -289,14 +332,17 @@ def fit_heads(judge: nn.Module, inputs: Callable[[torch.Tensor], torch.Tensor],
 
 
 def judge_accuracy(judge: ShapesJudge, n: int = 1000, seed: int = 1234,
-                   augmented: bool = False, image_size: int = IMAGE_SIZE) -> dict[str, float]:
+                   augmented: bool = False, image_size: int = IMAGE_SIZE,
+                   off_grid: bool = False) -> dict[str, float]:
     """Per-attribute accuracy on fresh real images (a seed the judge never trained on).
 
     colour / shape / size: per object, slot by slot (so objects judged on the wrong side
     count as wrong). position: per scene; a single object's position class, or for two
     objects the layout (side by side vs stacked). `augmented` judges degraded copies;
-    `image_size` renders at another size (the judge resizes to its own)."""
-    images, labels, _ = render_labelled(n, seed, "val", image_size)
+    `image_size` renders at another size (the judge resizes to its own); `off_grid`
+    judges single objects anywhere instead (`render_off_grid`; position = nearest spot)."""
+    images, labels, _ = (render_off_grid(n, seed, image_size) if off_grid
+                         else render_labelled(n, seed, "val", image_size))
     if augmented:
         images = augment(images, torch.Generator().manual_seed(seed))
     return attribute_accuracy(judge, images, labels)
