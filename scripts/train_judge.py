@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import os
 import sys
 import time
@@ -33,12 +34,15 @@ TRUST = 0.98
 
 
 def main(argv: list[str] | None = None) -> int:
+    signature = inspect.signature(train_judge)  # the recipe's defaults live in one place
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=signature.parameters["steps"].default)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-items", type=int, default=9000, help="real training images")
-    p.add_argument("--off-grid-items", type=int, default=6000,
+    p.add_argument("--num-items", type=int, default=signature.parameters["num_items"].default,
+                   help="real training images")
+    p.add_argument("--off-grid-items", type=int,
+                   default=signature.parameters["off_grid_items"].default,
                    help="more real training images: one object anywhere, not only on the "
                         "data's five spots (generated objects land between them)")
     p.add_argument("--eval-n", type=int, default=2000, help="fresh real images to score")

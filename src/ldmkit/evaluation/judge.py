@@ -8,8 +8,9 @@ right/bottom one. Judged two-object scenes therefore always come back as "A left
 
 Trained on real rendered images (every colour/shape pair, held-out ones included) with
 blur, noise, softness and colour jitter, because what it judges are VAE decodes of
-diffusion samples, which are a little soft. Shipped weights: judge.safetensors beside
-this file, written by scripts/train_judge.py.
+diffusion samples, which are a little soft; and on single objects anywhere in the frame,
+because generated objects do not always sit on the data's five spots. Shipped weights:
+judge.safetensors beside this file, written by scripts/train_judge.py.
 """
 
 from __future__ import annotations
@@ -280,10 +281,10 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor
 # ----------------------------------------------------------------------------- training
 
 
-def train_judge(steps: int = 400, seed: int = 0, batch_size: int = 128,
-                num_items: int = 6000, lr: float = 3e-3, width: int = 32, hidden: int = 96,
+def train_judge(steps: int = 1200, seed: int = 0, batch_size: int = 128,
+                num_items: int = 9000, lr: float = 3e-3, width: int = 32, hidden: int = 96,
                 bf16: bool = True, log: Callable[[str], None] | None = None,
-                off_grid_items: int = 0) -> ShapesJudge:
+                off_grid_items: int = 6000) -> ShapesJudge:
     """Train a judge from scratch on real renders with augmentation (CPU, a few minutes):
     `num_items` scenes as the data draws them, and `off_grid_items` single objects
     anywhere (`render_off_grid`)."""
