@@ -7,7 +7,7 @@ size) on the spots and anywhere (`render_off_grid`: one object, centre uniform, 
 of it past an edge; position = the nearest spot) with each judge. Part 2 generates each
 demo model's headline images (w = 5, DPM-Solver++ 20, the headline's rescale, 200 prompts
 per set, the evaluation's prompts and noise) once and reads them with every judge: fidelity,
-and how many verdicts and readings differ from the first judge's.
+and how many verdicts and readings differ from the first --judges entry's (the reference).
 
     python benchmarks/judge_off_grid.py --judges OLD/judge.safetensors CONTROL/judge.safetensors \\
         --models runs/demo/model runs/demo-seed1/model runs/demo-seed2/model
@@ -54,17 +54,24 @@ def read_models(judges: dict, models: list[Path], n: int) -> dict:
             images, prompts = evaluator.images(pipe, entry), evaluator.prompts(prompt_set, n)
             scenes = {name: judge_images(j, images) for name, j in judges.items()}
             verdicts = {name: prompt_matches(s, prompts) for name, s in scenes.items()}
-            first = next(iter(judges))
+            ref = reference_judge(judges)
             out.setdefault(str(model), {})[prompt_set] = {name: {
                 "fidelity": sum(verdicts[name]) / n,
-                "verdicts_differing_from_first": sum(
-                    a != b for a, b in zip(verdicts[name], verdicts[first])),
-                "readings_differing_from_first": sum(
-                    a != b for a, b in zip(scenes[name], scenes[first]))}
+                "verdicts_differing_from_reference": sum(
+                    a != b for a, b in zip(verdicts[name], verdicts[ref])),
+                "readings_differing_from_reference": sum(
+                    a != b for a, b in zip(scenes[name], scenes[ref]))}
                 for name in judges}
             print(model, prompt_set, {k: v["fidelity"] for k, v in
                                       out[str(model)][prompt_set].items()}, flush=True)
     return out
+
+
+def reference_judge(judges: dict) -> str:
+    """What the differences are counted against: the first judge given with --judges (the
+    one shipped before, say), else the shipped one."""
+    names = list(judges)
+    return names[1] if len(names) > 1 else names[0]
 
 
 def main() -> None:
@@ -84,6 +91,7 @@ def main() -> None:
     paths = [default_weights_path(), *args.judges]
     judges = {str(p): load_judge(p) for p in paths}
     results = {"machine": machine_info(), "judges": [str(p) for p in paths],
+               "reference": reference_judge(judges),
                "renders": {"n": args.n, "seed": EVAL_SEED, "size": 32,
                            "accuracy": read_renders(judges, args.n)}}
     if args.models:

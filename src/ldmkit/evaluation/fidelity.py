@@ -43,8 +43,9 @@ class Entry:
     @classmethod
     def from_json(cls, row: dict) -> Entry:
         """The setting of an evaluation.json row (a row written before the guidance
-        rescale existed has none: it ran at the headline's)."""
-        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
+        rescale existed has none: it ran without, at 0)."""
+        return cls(**{"guidance_rescale": 0.0,
+                      **{f.name: row[f.name] for f in fields(cls) if f.name in row}})
 
     @property
     def is_headline(self) -> bool:
