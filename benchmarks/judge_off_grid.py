@@ -102,4 +102,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ldmkit.errors import UserError
+
+    try:
+        main()
+    except UserError as exc:  # a missing or bad judge file: one line, exit 2
+        raise SystemExit(f"judge_off_grid: {exc}") from None
