@@ -17,6 +17,7 @@ and how many verdicts and readings differ from the first --judges entry's (the r
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 from pathlib import Path
 
@@ -107,4 +108,5 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as exc:  # a missing or bad judge file: one line, exit 2
-        raise SystemExit(f"judge_off_grid: {exc}") from None
+        print(f"judge_off_grid: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
