@@ -17,8 +17,8 @@ and how many verdicts and readings differ from the first --judges entry's (the r
 from __future__ import annotations
 
 import argparse
-import sys
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
