@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import numbers
 import os
+import unicodedata
 import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -150,6 +151,14 @@ def check_prompts(prompts: str | Iterable[str]) -> list[str]:
     return prompts
 
 
+def is_blank(prompt: str) -> bool:
+    """True for a prompt with nothing to encode: "", whitespace, control and format
+    characters (NUL, ESC, zero-width space...). Tokenizers drop those (BERT's) or not (a
+    SentencePiece one may keep them as <unk>), so they are the null prompt by rule, the
+    unconditional sample a user asks for with an empty prompt."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in prompt)
+
+
 # ----------------------------------------------------------------------------- encoder
 
 
@@ -213,13 +222,16 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str], batch_size: int = 256,
                progress: bool = False) -> TextEmbeddings:
-        """Encode prompts to float32 embeddings padded to max_length; "" (or blank) = null().
+        """Encode prompts to float32 embeddings padded to max_length; a blank prompt (see
+        `is_blank`) is null().
 
         Outputs are float32 whatever `dtype` the model computes in, so callers never meet a
         dtype mismatch. Padded token positions are zero."""
         prompts = check_prompts(prompts)
         out = self.null().expand(len(prompts))._map(torch.Tensor.clone)
-        real = [i for i, p in enumerate(prompts) if p.strip()]
+        real = [i for i, p in enumerate(prompts) if not is_blank(p)]
+        if not real:  # all null: a tokenizer given an empty batch raises IndexError
+            return out
         lengths = [len(ids) for ids in self.tokenizer([prompts[i] for i in real],
                                                       truncation=False, verbose=False)["input_ids"]]
         groups: dict[int, list[int]] = {}

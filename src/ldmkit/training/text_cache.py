@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ldmkit.errors import UserError
 from ldmkit.io import read_json, save_tensors_atomic, write_json_atomic
-from ldmkit.models.text import TextEmbeddings, TextEncoder, check_prompts
+from ldmkit.models.text import TextEmbeddings, TextEncoder, check_prompts, is_blank
 from ldmkit.training.mapped import ShardedRows, file_digest, file_rows, map_tensors
 
 log = logging.getLogger(__name__)
@@ -327,9 +327,9 @@ def _batches_like_encode(captions: list[str], batch_size: int) -> list[list[str]
     """The batches `TextEncoder.encode(captions, batch_size)` runs: non-blank captions by
     length (stable), batch_size at a time; blank ones are the null prompt, no batch.
     Encoding these one by one gives the bytes one call over all of them gives."""
-    real = sorted((c for c in captions if c.strip()), key=len)
+    real = sorted((c for c in captions if not is_blank(c)), key=len)
     batches = [real[i:i + batch_size] for i in range(0, len(real), batch_size)]
-    blank = [c for c in captions if not c.strip()]
+    blank = [c for c in captions if is_blank(c)]
     return batches + ([blank] if blank else [])
 
 
