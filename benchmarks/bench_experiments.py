@@ -140,7 +140,7 @@ def bf16_sampling(cfg, sz: Sizes) -> dict:
 
 def untrained_pipeline(cfg):
     """A pipeline at `cfg`'s widths with random weights: it costs what a trained one costs."""
-    from ldmkit.diffusion.schedule import NoiseSchedule
+    from ldmkit.diffusion.objective import make_schedule
     from ldmkit.models.text import TextEncoder
     from ldmkit.models.unet import UNet
     from ldmkit.models.vae import AutoencoderKL
@@ -150,8 +150,8 @@ def untrained_pipeline(cfg):
     torch.manual_seed(0)
     vae = AutoencoderKL(cfg.vae, cfg.data.image_size)
     unet = UNet(cfg.unet, cfg.vae.latent_channels, text.hidden_size)
-    schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    return TextToImagePipeline(vae, unet, text, schedule, cfg.diffusion.prediction,
+    schedule = make_schedule(cfg.diffusion)
+    return TextToImagePipeline(vae, unet, text, schedule, cfg.diffusion.objective,
                                cfg.diffusion.x0_clamp, cfg.data.image_size)
 
 

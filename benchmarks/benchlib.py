@@ -42,7 +42,7 @@ BENCH_UNET = ("unet.base_channels=64", "unet.channel_mult=[1, 2, 2]", "unet.num_
 BENCH_TEXT = ('text.encoder="sentence-transformers/all-MiniLM-L6-v2"', "text.max_length=24",
               'text.dtype="float32"', "text.hidden_layers=[-1]")
 BENCH_DIFFUSION = ('diffusion.schedule="cosine"', "diffusion.timesteps=500",
-                   'diffusion.prediction="v"', "diffusion.min_snr_gamma=5.0",
+                   'diffusion.objective="v"', "diffusion.min_snr_gamma=5.0",
                    "diffusion.p_uncond=0.15", "diffusion.x0_clamp=0.0")
 BENCH_TRAIN = ("train.lr=8e-4", "train.warmup_steps=100", 'train.mixed_precision="auto"',
                "train.ema_decay=0.995", "train.grad_accum_steps=1", 'train.compile="off"',

@@ -18,7 +18,7 @@ from ldmkit.pipeline import TextToImagePipeline
 TINY = ["data.image_size=16", "vae.downsample_factor=4", "vae.channel_mult=[1, 2, 2]",
         "vae.base_channels=8", "vae.scale_factor=0.5", "unet.base_channels=16",
         "unet.channel_mult=[1, 2]", "unet.cross_attn_levels=[1]", "unet.num_res_blocks=1",
-        "unet.num_heads=2", "diffusion.timesteps=50", "diffusion.prediction=v"]
+        "unet.num_heads=2", "diffusion.timesteps=50", "diffusion.objective=v"]
 
 
 def make_tiny_pipeline(root: Path, seed: int = 0, hidden_layers=(-1,)) -> TextToImagePipeline:

@@ -44,7 +44,7 @@ def test_int_is_accepted_for_float():
     ("[train]\nbatch_size = 'big'\n", "train.batch_size"),
     ("[train]\nbatchsize = 4\n", "train.batchsize"),
     ("[trian]\nbatch_size = 4\n", "[trian]"),
-    ("[sample]\nsampler = 'euler'\n", "sample.sampler"),
+    ("[sample]\nsampler = 'lms'\n", "sample.sampler"),
     ("[vae]\ndownsample_factor = 4\n", "vae.channel_mult"),
     ("[data]\nimage_size = 60\n", "data.image_size"),
     ("[train]\nuse_cache = 1\n", "train.use_cache"),

@@ -273,8 +273,8 @@ def test_seeded_stochastic_samplers_are_reproducible():
 
 
 def test_unknown_sampler_name_is_rejected():
-    with pytest.raises(ValueError, match="euler"):
-        run_sampler("euler", eps_denoiser(NoiseSchedule()), _x_T(), NoiseSchedule(), 5)
+    with pytest.raises(ValueError, match="lms"):
+        run_sampler("lms", eps_denoiser(NoiseSchedule()), _x_T(), NoiseSchedule(), 5)
 
 
 def test_every_registered_sampler_is_a_function_with_the_shared_signature():

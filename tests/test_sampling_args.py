@@ -100,7 +100,7 @@ def test_sample_warns_once_when_the_prompt_is_cut(model_dir, tmp_path, capsys):
     ({"num_inference_steps": 0}, "num_inference_steps"),
     ({"num_inference_steps": 51}, "num_inference_steps"),
     ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
-    ({"sampler": "euler"}, "sampler"),
+    ({"sampler": "lms"}, "sampler"),
     ({"eta": -0.5}, "eta"),
     ({"guidance_rescale": math.inf}, "guidance_rescale")])
 def test_the_pipeline_refuses_bad_arguments_naming_the_parameter(pipe, kwargs, field):

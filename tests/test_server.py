@@ -141,7 +141,7 @@ def test_guidance_rescale_defaults_to_the_headline_and_plain_cfg_can_be_asked_fo
 
 BAD = [("guidance", float("nan")), ("guidance", float("inf")), ("guidance", -1.0),
        ("n", 0), ("n", MAX_IMAGES_PER_REQUEST + 1), ("n", 10**9), ("steps", 0),
-       ("steps", 51), ("steps", 10**12), ("sampler", "euler"), ("seed", -1),
+       ("steps", 51), ("steps", 10**12), ("sampler", "lms"), ("seed", -1),
        ("prompt", "x" * 10_001), ("prompt", 12), ("n", "many"), ("colour", "red"),
        ("guidance_rescale", 1.5), ("guidance_rescale", float("nan"))]
 

@@ -99,6 +99,14 @@ class TextConfig:
 
 @dataclass
 class UNetConfig:
+    """[unet]: the denoiser. `kind` picks the backbone; base_channels .. text_width build
+    the U-Net, width .. mlp_ratio the transformers (num_heads and pooled_text serve all)."""
+
+    kind: str = _opt("unet", choices=("unet", "dit", "mmdit"),
+                     doc="unet: the convolutional U-Net with cross-attention; dit: a "
+                         "transformer over latent patches with adaLN-Zero and "
+                         "cross-attention (Peebles & Xie 2023); mmdit: joint attention over "
+                         "patches and text tokens with weights per stream (SD3)")
     base_channels: int = _opt(64, lo=8)
     channel_mult: list[int] = _opt([1, 2, 2])
     num_res_blocks: int = _opt(2, lo=1)
@@ -111,14 +119,33 @@ class UNetConfig:
     text_layers: int = _opt(0, lo=0, doc="trainable transformer blocks over the frozen text "
                                          "tokens (a residual side path); 0 = none")
     text_width: int = _opt(256, lo=8, doc="width of those blocks")
+    width: int = _opt(256, lo=8, doc="dit/mmdit: the transformer's hidden width")
+    depth: int = _opt(6, lo=1, doc="dit/mmdit: number of transformer blocks")
+    patch_size: int = _opt(2, lo=1, hi=16, doc="dit/mmdit: latent pixels per patch side "
+                                               "(8x8 latents, 2 -> 16 tokens)")
+    mlp_ratio: float = _opt(4.0, lo=0.5, hi=16.0, doc="dit/mmdit: MLP width / hidden width")
 
 
 @dataclass
 class DiffusionConfig:
     schedule: str = _opt("cosine", choices=("cosine", "linear"))
     timesteps: int = _opt(1000, lo=2)
-    prediction: str = _opt("eps", choices=("eps", "v"))
-    min_snr_gamma: float = _opt(0.0, lo=0.0, doc="0 = off; 5 is the paper's value")
+    objective: str = _opt("eps", choices=("eps", "v", "flow"),
+                          doc="what the network learns: the noise (eps) or v on the DDPM "
+                              "schedule, or the velocity of rectified flow (flow: straight "
+                              "paths x_t = (1 - t) x0 + t eps; `schedule` is then unused). "
+                              "Old configs' `prediction` key means the same")
+    flow_shift: float = _opt(1.0, lo=0.01, hi=100.0,
+                             doc="flow: SD3's time shift s, t' = s t / (1 + (s - 1) t), for "
+                                 "training draws and the sampler's grid; > 1 spends more at "
+                                 "high noise")
+    t_sampling: str = _opt("logit-normal", choices=("uniform", "logit-normal"),
+                           doc="flow: how training draws t (SD3's logit-normal weights the "
+                               "middle of the path)")
+    logit_mean: float = _opt(0.0, lo=-5.0, hi=5.0, doc="flow, logit-normal: mean of the normal")
+    logit_std: float = _opt(1.0, lo=0.01, hi=5.0, doc="flow, logit-normal: std of the normal")
+    min_snr_gamma: float = _opt(0.0, lo=0.0, doc="0 = off; 5 is the paper's value "
+                                                 "(eps/v only: flow ignores it)")
     p_uncond: float = _opt(0.15, lo=0.0, hi=1.0)
     x0_clamp: float = _opt(0.0, lo=0.0, doc="clamp x0 estimates to +-this in latent units; 0 = off")
 
@@ -203,6 +230,7 @@ def override_config(cfg: Config, overrides: list[str], source: str = "<override>
 def _with_overrides(raw: dict, overrides: list[str], source: str) -> dict:
     for item in overrides:
         section, key, value = _parse_override(item)
+        key = RENAMED.get((section, key), key)
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{source}: [{section}] must be a table")
@@ -220,6 +248,7 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{section}] must be a table of keys")
         target = getattr(cfg, section)
+        values = _renamed_keys(section, values, source)
         known = {f.name: f for f in dataclasses.fields(target)}
         hints = typing.get_type_hints(type(target))
         for key, value in values.items():
@@ -230,6 +259,23 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
                                                  known[key].metadata, value, source))
     _check_cross_field(cfg, source)
     return cfg
+
+
+# Keys renamed since 0.1: an old config (a TOML or a run folder's config.json) still loads.
+RENAMED = {("diffusion", "prediction"): "objective"}
+
+
+def _renamed_keys(section: str, values: dict, source: str) -> dict:
+    out = dict(values)
+    for (sec, old), new in RENAMED.items():
+        if sec != section or old not in out:
+            continue
+        value = out.pop(old)
+        if new in out and out[new] != value:
+            raise ConfigError(f"{source}: {sec}.{old} = {value!r} (the old name of {sec}.{new}) "
+                              f"contradicts {sec}.{new} = {out[new]!r}")
+        out[new] = value
+    return out
 
 
 def load_config_json(path: str | Path) -> Config:

@@ -57,7 +57,7 @@ Made by `{command}` (`make demo-emoji`): {train['images']} real emoji images of
 {train['emoji']} emoji (Noto Emoji and Twemoji, every skin tone) captioned with their
 names, {held['emoji']} more emoji ({held['images']} images) held out;
 {size}x{size} images, a KL-VAE to {side}x{side}x{cfg.vae.latent_channels} latents, the text encoder
-`{cfg.text.encoder}`, a {cfg.diffusion.prediction}-prediction U-Net with classifier-free
+`{cfg.text.encoder}`, a {cfg.diffusion.objective}-objective {cfg.unet.kind} denoiser with classifier-free
 guidance (p_uncond {cfg.diffusion.p_uncond}), T = {cfg.diffusion.timesteps}.
 
 ## Headline ({headline_setting()})

@@ -6,7 +6,8 @@ The model directory (like a diffusers repo, loaded without executing anything fr
     vae/                 config.json + model.safetensors (with the latent scale factor)
     unet/                config.json + model.safetensors (the EMA weights)
     text_encoder.json    Hugging Face name or path of the frozen encoder, max_length, dtype
-    scheduler.json       schedule kind, T, the U-Net's prediction type, x0 clamp
+    scheduler.json       the objective (eps | v on a DDPM schedule: kind, T; or flow: T,
+                         shift), the network's prediction type, x0 clamp
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ldmkit.devices import resolve_device
 from ldmkit.diffusion.guidance import CFGDenoiser
 from ldmkit.diffusion.registry import HEADLINE
 from ldmkit.diffusion.samplers import run_sampler
-from ldmkit.diffusion.schedule import PREDICTIONS, NoiseSchedule
+from ldmkit.diffusion.objective import Schedule, schedule_from_dict, scheduler_dict
 from ldmkit.errors import UserError
 from ldmkit.io import read_json, write_json_atomic
 from ldmkit.models.text import TextEmbeddings, TextEncoder, check_prompts
@@ -54,7 +55,7 @@ class TextToImagePipeline:
     """Generate images from prompts with classifier-free guidance."""
 
     def __init__(self, vae: AutoencoderKL, unet: UNet, text_encoder: TextEncoder,
-                 schedule: NoiseSchedule, prediction: str = "eps", x0_clamp: float = 0.0,
+                 schedule: Schedule, prediction: str = "eps", x0_clamp: float = 0.0,
                  image_size: int | None = None):
         if unet.in_channels != vae.config.latent_channels:
             raise UserError(f"unet in_channels {unet.in_channels} != vae latent_channels "
@@ -202,8 +203,8 @@ class TextToImagePipeline:
             "name": enc.name, "revision": enc.revision, "max_length": enc.max_length,
             "dtype": enc.dtype, "hidden_layers": list(enc.hidden_layers),
             "hidden_size": enc.hidden_size})
-        write_json_atomic(directory / "scheduler.json", {
-            **self.schedule.to_dict(), "prediction": self.prediction, "x0_clamp": self.x0_clamp})
+        write_json_atomic(directory / "scheduler.json",
+                          scheduler_dict(self.schedule, self.prediction, self.x0_clamp))
         # Written last: a folder without it was interrupted mid-save and is refused.
         write_json_atomic(directory / "model_index.json", {
             "_class_name": "TextToImagePipeline", "ldmkit_version": __version__,
@@ -221,11 +222,7 @@ class TextToImagePipeline:
         directory = check_model_dir(directory)
         index = read_json(directory / "model_index.json", "model index")
         scheduler = read_json(directory / "scheduler.json", "scheduler config")
-        schedule = NoiseSchedule.from_dict(scheduler, str(directory / "scheduler.json"))
-        prediction = scheduler.get("prediction", "eps")
-        if prediction not in PREDICTIONS:
-            raise UserError(f"{directory / 'scheduler.json'}: prediction = {prediction!r} "
-                            f"is not one of {', '.join(PREDICTIONS)}")
+        schedule, prediction = schedule_from_dict(scheduler, str(directory / "scheduler.json"))
         text_encoder = text_encoder or _load_text_encoder(directory / "text_encoder.json")
         vae = AutoencoderKL.from_pretrained(directory / "vae", device)
         unet = UNet.from_pretrained(directory / "unet", device)

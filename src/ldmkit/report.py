@@ -58,8 +58,8 @@ Made by `{command}` (`make demo`): built-in shapes data at
 {cfg.data.image_size}x{cfg.data.image_size}, a KL-VAE to {side}x{side}x{cfg.vae.latent_channels}
 latents,
 the offline text encoder `{cfg.text.encoder}` (hidden states {cfg.text.hidden_layers} per
-token), a {cfg.diffusion.prediction}-prediction U-Net
-with classifier-free guidance (p_uncond {cfg.diffusion.p_uncond}), cosine schedule,
+token), a {cfg.diffusion.objective}-objective {cfg.unet.kind} denoiser
+with classifier-free guidance (p_uncond {cfg.diffusion.p_uncond}), {cfg.diffusion.schedule if cfg.diffusion.objective != "flow" else "straight-path"} schedule,
 T = {cfg.diffusion.timesteps}.
 
 ## Headline ({headline_setting()})

@@ -29,6 +29,9 @@ SAMPLERS: dict[str, SamplerInfo] = {
                         stochastic=True, reference=True),
     "ddim": SamplerInfo("sample_ddim", "DDIM", "Song, Meng & Ermon 2021, eq. 12",
                         stochastic=False),
+    "euler": SamplerInfo("sample_euler", "Euler (flow ODE)",
+                         "Euler's method on dx/dt = v (rectified flow; = DDIM, eta 0)",
+                         stochastic=False),
     "dpmpp-2m": SamplerInfo("sample_dpmpp_2m", "DPM-Solver++ 2M", "Lu et al. 2022, Algorithm 2",
                             stochastic=False, default=True),
 }
@@ -64,7 +67,7 @@ class SamplingSettings:
 # Guidance rescale (Lin et al. 2024, eq. 16, phi = 0.7 as there): the guided prediction's
 # spread is pulled back towards the conditional one's, which undoes CFG's over-saturation
 # (orange drawn yellow at w = 5). On the three shapes demo models (the same 400 prompts and
-# noise per set, benchmarks/guidance_rescale.py) it left 20 steps where they were (mean
+# noise per set, benchmarks/studies/guidance_rescale.py) it left 20 steps where they were (mean
 # single 99.33 % either way, held-out +0.4, two objects -0.2) and lifted DPM-Solver++ at
 # 10 steps: single +0.9, two objects +0.6, held-out pairs +3.25 points (BENCHMARKS.md,
 # "Guidance rescale"). At w = 1 it changes nothing (the guided prediction is the

@@ -1,15 +1,20 @@
 """Samplers as pure functions over a denoiser (the k-diffusion shape).
 
-A denoiser is `denoiser(x_t, t) -> (x0_hat, eps_hat)` with t a LongTensor (B,) of schedule
-steps; guidance, clamping and the network's parameterisation all live inside it
-(see guidance.CFGDenoiser), so each sampler is only its update rule.
+A denoiser is `denoiser(x_t, t) -> (x0_hat, eps_hat)` with t a (B,) tensor of what the
+network is told (integer DDPM steps, or float flow times); guidance, clamping and the
+network's parameterisation all live inside it (see guidance.CFGDenoiser), so each sampler
+is only its update rule.
 
 Every sampler has the same signature `(denoiser, x, schedule, steps, eta, generator,
-callback)`, x being the initial noise x_T, and is named in the registry's table
+callback)`, x being the initial noise, and is named in the registry's table
 (ldmkit.diffusion.registry), through which `run_sampler` finds it by name.
 
-Every sampler walks the timesteps of `timesteps_for(schedule, steps)` and after the last
-one jumps to clean data (alpha_bar = 1): its final output is the last x0 estimate.
+The schedule gives the grid: `schedule.sampling_levels(steps)`, `steps` levels from the
+noisiest down and then the clean level (alpha = 1, sigma = 0), each with the path's
+coefficients x_t = alpha x0 + sigma eps. The update rules are written in alpha and sigma
+only, so the same sampler runs the DDPM schedule (alpha = sqrt(alpha_bar)) and rectified
+flow (alpha = 1 - t, sigma = t) — both are Gaussian paths, and every rule below is exact
+for any such path. A sampler's final output is the last x0 estimate.
 `callback(step_index, t, x_t, x0_hat)` is called once per step with the state the step
 started from and the denoiser's x0 estimate there (the progressive-sampling frames).
 """
@@ -22,35 +27,36 @@ from collections.abc import Callable
 import torch
 
 from ldmkit.diffusion.registry import SAMPLERS
-from ldmkit.diffusion.schedule import NoiseSchedule, posterior_coefficients
+from ldmkit.diffusion.schedule import Level
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
-def timesteps_for(schedule: NoiseSchedule, steps: int) -> list[int]:
-    """`steps` timesteps from noisiest to cleanest with "trailing" spacing (Lin et al. 2024,
-    Table 2; diffusers' `timestep_spacing="trailing"`): t_i = round(T - i T/steps) - 1.
-    It always starts at t = T - 1, where x_T ~ N(0, I) really is the marginal, unlike
-    "leading" spacing, which starts up to T/steps - 1 steps early; steps = T gives every
-    step T-1, ..., 0 (the classic sampler). Rounding is half-to-even, as numpy's."""
-    total = schedule.timesteps
-    if not 1 <= steps <= total:
-        raise ValueError(f"steps must be in 1..{total} (the schedule's T), got {steps}")
-    ratio = total / steps
-    return [round(total - i * ratio) - 1 for i in range(steps)]
+def timesteps_for(schedule, steps: int) -> list:
+    """The network times of the sampler's `steps` steps, noisiest first (see
+    `sampling_levels`; for DDPM the "trailing" spacing, diffusers' timestep_spacing)."""
+    return [level.t for level in schedule.sampling_levels(steps)[:-1]]
 
 
-def _step_pairs(schedule: NoiseSchedule, steps: int) -> list[tuple[int, int]]:
-    """(t, t_next) for each step; the last step's target is -1, i.e. clean data."""
-    ts = timesteps_for(schedule, steps)
-    return list(zip(ts, ts[1:] + [-1]))
+def _step_pairs(schedule, steps: int) -> list[tuple[Level, Level]]:
+    """(level, next level) for each step; the last step's target is the clean level."""
+    levels = schedule.sampling_levels(steps)
+    return list(zip(levels[:-1], levels[1:]))
 
 
-def _denoise(denoiser: Denoiser, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+def _denoise(denoiser: Denoiser, x: torch.Tensor, level: Level
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = torch.long if isinstance(level.t, int) else torch.float32
+    t_batch = torch.full((x.shape[0],), level.t, dtype=dtype, device=x.device)
     x0, eps = denoiser(x, t_batch)
     return x0.to(x.dtype), eps.to(x.dtype)
+
+
+def _exp_neg_h(now: Level, nxt: Level) -> float:
+    """e^{-h}, h = lambda_s - lambda_t the step in log-SNR (lambda = log(alpha/sigma)):
+    (alpha_t sigma_s) / (sigma_t alpha_s). 0 from pure noise (alpha_t = 0, flow's t = 1)."""
+    return (now.alpha * nxt.sigma) / (now.sigma * nxt.alpha)
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -61,23 +67,25 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 @torch.no_grad()
-def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int,
+def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, schedule, steps: int,
                 eta: float = 0.0, generator: torch.Generator | None = None,
                 callback: Callback | None = None) -> torch.Tensor:
     """Ancestral sampling, Ho et al. 2020 (DDPM), Algorithm 2 with sigma_t^2 = beta~_t.
-    Each step draws from the posterior q(x_s | x_t, x0_hat) between consecutive timesteps
-    of the (possibly strided) subsequence, so with steps = T it is the paper's sampler and
-    with fewer steps it is the posterior of the jump t -> s (= DDIM with eta = 1).
+    Each step draws from the posterior q(x_s | x_t, x0_hat) between consecutive levels of
+    the (possibly strided) grid, so with steps = T it is the paper's sampler and with fewer
+    steps it is the posterior of the jump t -> s (= DDIM with eta = 1). Written for any
+    Gaussian path (Kingma et al. 2021, eq. 33, in log-SNR): mean = alpha_s (1 - e^{-2h}) x0
+    + (sigma_s / sigma_t) e^{-h} x_t, variance sigma_s^2 (1 - e^{-2h}).
     `eta` is ignored: DDPM is ancestral by definition (use DDIM for other etas)."""
-    for i, (t, s) in enumerate(_step_pairs(schedule, steps)):
-        x0, _ = _denoise(denoiser, x, t)
+    for i, (now, nxt) in enumerate(_step_pairs(schedule, steps)):
+        x0, _ = _denoise(denoiser, x, now)
         if callback is not None:
-            callback(i, t, x, x0)
-        # t is shared by the batch: scalar coefficients, the same formula as the schedule's
-        coef_x0, coef_xt, var = posterior_coefficients(schedule.alpha_bar(t), schedule.alpha_bar(s))
-        x = coef_x0 * x0 + coef_xt * x
-        if s >= 0:
-            x = x + math.sqrt(var) * _noise_like(x, generator)
+            callback(i, now.t, x, x0)
+        if nxt.sigma == 0:  # the clean level: the posterior is x0 itself
+            return x0
+        e = _exp_neg_h(now, nxt)
+        x = nxt.alpha * (1.0 - e * e) * x0 + (nxt.sigma / now.sigma) * e * x
+        x = x + nxt.sigma * math.sqrt(1.0 - e * e) * _noise_like(x, generator)
     return x
 
 
@@ -85,35 +93,49 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, st
 
 
 @torch.no_grad()
-def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int,
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule, steps: int,
                 eta: float = 0.0, generator: torch.Generator | None = None,
                 callback: Callback | None = None) -> torch.Tensor:
-    """Song, Meng & Ermon 2021 (DDIM), eq. 12: x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2)
-    eps + sigma z, sigma = eta sqrt((1 - ab_s)/(1 - ab_t)) sqrt(1 - ab_t/ab_s).
-    eta = 0 is the deterministic sampler, eta = 1 the ancestral one."""
-    for i, (t, s) in enumerate(_step_pairs(schedule, steps)):
-        x0, eps = _denoise(denoiser, x, t)
+    """Song, Meng & Ermon 2021 (DDIM), eq. 12: x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps
+    + c z with c = eta sigma_s sqrt(1 - e^{-2h}) (for DDPM, eta sqrt((1 - ab_s)/(1 - ab_t))
+    sqrt(1 - ab_t/ab_s) as in the paper). eta = 0 is the deterministic sampler, eta = 1
+    the ancestral one."""
+    for i, (now, nxt) in enumerate(_step_pairs(schedule, steps)):
+        x0, eps = _denoise(denoiser, x, now)
         if callback is not None:
-            callback(i, t, x, x0)
-        x = ddim_step(x0, eps, schedule.alpha_bar(t), schedule.alpha_bar(s), eta, generator)
+            callback(i, now.t, x, x0)
+        x = ddim_step(x0, eps, now, nxt, eta, generator)
     return x
 
 
-def ddim_step(x0: torch.Tensor, eps: torch.Tensor, ab_t: float, ab_s: float, eta: float,
+@torch.no_grad()
+def sample_euler(denoiser: Denoiser, x: torch.Tensor, schedule, steps: int,
+                 eta: float = 0.0, generator: torch.Generator | None = None,
+                 callback: Callback | None = None) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE. For rectified flow that is
+    x_s = x_t + (s - t) v (diffusers' FlowMatchEulerDiscreteScheduler), which is exactly
+    x_s = (1 - s) x0 + s eps: the deterministic DDIM update, as Karras et al. 2022
+    (section 3) show DDIM is Euler in the scaled variables for any schedule. `eta` and
+    `generator` are ignored."""
+    return sample_ddim(denoiser, x, schedule, steps, 0.0, None, callback)
+
+
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, now: Level, nxt: Level, eta: float,
               generator: torch.Generator | None = None) -> torch.Tensor:
-    """One DDIM update from alpha_bar ab_t to ab_s given the denoiser's (x0, eps)."""
-    sigma = eta * math.sqrt((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
-    x = math.sqrt(ab_s) * x0 + math.sqrt(max(1.0 - ab_s - sigma**2, 0.0)) * eps
-    return x + sigma * _noise_like(x, generator) if sigma > 0 else x
+    """One DDIM update from level `now` to `nxt` given the denoiser's (x0, eps)."""
+    if nxt.sigma == 0:
+        return x0
+    c = eta * nxt.sigma * math.sqrt(max(1.0 - _exp_neg_h(now, nxt) ** 2, 0.0))
+    x = nxt.alpha * x0 + math.sqrt(max(nxt.sigma**2 - c**2, 0.0)) * eps
+    return x + c * _noise_like(x, generator) if c > 0 else x
 
 
 # ----------------------------------------------------------------------------- DPM-Solver++
 
 
-def _alpha_sigma_lambda(ab: float) -> tuple[float, float, float]:
-    """VP-SDE quantities: alpha = sqrt(ab), sigma = sqrt(1 - ab), lambda = log(alpha/sigma)."""
-    alpha, sigma = math.sqrt(ab), math.sqrt(1.0 - ab)
-    return alpha, sigma, (math.log(alpha / sigma) if sigma > 0 else math.inf)
+def _log_snr(level: Level) -> float:
+    """lambda = log(alpha / sigma); -inf at pure noise (alpha = 0)."""
+    return math.log(level.alpha / level.sigma) if level.alpha > 0 else -math.inf
 
 
 # Below this many steps the last update before the final x0 readout is first order too
@@ -126,9 +148,17 @@ def _alpha_sigma_lambda(ab: float) -> tuple[float, float, float]:
 # DPM-Solver++"). With an exact denoiser the second-order step is the better one.
 LOWER_ORDER_FINAL_BELOW = 15
 
+# The second-order correction extrapolates by 1/(2r), r = h_prev / h; a step more than
+# twice as long in log-SNR as the one before (r < 0.5) amplifies the estimates' error
+# instead of cancelling it, so that step is first order. The DDPM grids never do this (r >=
+# 0.6 at 10-30 steps); flow's grid ends with a long step into t = 1/T (r ~ 0.18), where
+# on an exactly solvable Gaussian the second-order update overshot the std by 31 % at 15
+# steps and first order lands within 1.5 % (tests/test_flow.py).
+MIN_STEP_RATIO = 0.5
+
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int,
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule, steps: int,
                     eta: float = 0.0, generator: torch.Generator | None = None,
                     callback: Callback | None = None) -> torch.Tensor:
     """Lu et al. 2022 (DPM-Solver++), Algorithm 2: the second-order multistep solver of the
@@ -139,30 +169,32 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule
     default final sigma of zero, the last step is first order, so it returns x0_hat.
     Below LOWER_ORDER_FINAL_BELOW steps the update before it is first order as well (see
     there): here ldmkit departs from diffusers, which keeps that one second order.
+    A step more than twice the previous one in log-SNR is first order (MIN_STEP_RATIO).
+    From pure noise (flow's t = 1, lambda = -inf) the first step is x_s = alpha_s x0 +
+    sigma_s x_t, and the next one (h_prev = inf) is second order in form but its
+    correction is zero.
     `eta` and `generator` are ignored: the solver is deterministic."""
     pairs = _step_pairs(schedule, steps)
     last_update = len(pairs) - 2 if steps < LOWER_ORDER_FINAL_BELOW else -1
     prev: tuple[torch.Tensor, float] | None = None  # (x0 at the previous step, its h)
-    for i, (t, s) in enumerate(pairs):
-        x0, _ = _denoise(denoiser, x, t)
+    for i, (now, nxt) in enumerate(pairs):
+        x0, _ = _denoise(denoiser, x, now)
         if callback is not None:
-            callback(i, t, x, x0)
-        if s < 0:  # sigma_s = 0: the first-order update lands exactly on x0_hat
+            callback(i, now.t, x, x0)
+        if nxt.sigma == 0:  # sigma_s = 0: the first-order update lands exactly on x0_hat
             return x0
-        _, sigma_t, lam_t = _alpha_sigma_lambda(schedule.alpha_bar(t))
-        alpha_s, sigma_s, lam_s = _alpha_sigma_lambda(schedule.alpha_bar(s))
-        h = lam_s - lam_t
-        first_order = prev is None or i == last_update
+        h = _log_snr(nxt) - _log_snr(now)
+        first_order = prev is None or i == last_update or prev[1] < MIN_STEP_RATIO * h
         d = x0 if first_order else x0 + (x0 - prev[0]) * (h / (2.0 * prev[1]))
-        x = (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * d
+        x = (nxt.sigma / now.sigma) * x - nxt.alpha * math.expm1(-h) * d
         prev = (x0, h)
-    return x  # unreachable: the last pair always ends at -1
+    return x  # unreachable: the last pair always ends at the clean level
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 
-def run_sampler(name: str, denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule,
+def run_sampler(name: str, denoiser: Denoiser, x: torch.Tensor, schedule,
                 steps: int, eta: float = 0.0, generator: torch.Generator | None = None,
                 callback: Callback | None = None) -> torch.Tensor:
     """Run the sampler called `name`, a key of the registry's SAMPLERS table."""

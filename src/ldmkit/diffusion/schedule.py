@@ -13,6 +13,7 @@ and only the result is cast to the data's dtype.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,18 @@ from ldmkit.errors import UserError
 
 KINDS = ("cosine", "linear")
 PREDICTIONS = ("eps", "v")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One point of a sampler's grid: what the network is told (`t`: an integer step for
+    DDPM, a float for flow matching) and the path's coefficients there,
+    x_t = alpha x0 + sigma eps. Every sampler is written in (alpha, sigma) alone, so one
+    implementation serves every schedule (Kingma et al. 2021's view of Gaussian paths)."""
+
+    t: float | int
+    alpha: float
+    sigma: float
 
 
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -58,6 +71,8 @@ def _bcast(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class NoiseSchedule:
     """A discrete DDPM noise schedule with T steps (`kind` = "cosine" or "linear")."""
+
+    objective = "diffusion"  # trains eps or v (FlowSchedule: "flow")
 
     def __init__(self, kind: str = "cosine", timesteps: int = 1000):
         if kind not in KINDS:
@@ -115,6 +130,28 @@ class NoiseSchedule:
         """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at steps t (float32)."""
         ab = self._ab_at(t)
         return (ab / (1.0 - ab)).float()
+
+    # ------------------------------------------------------------------ training draws
+
+    def draw_timesteps(self, n: int) -> torch.Tensor:
+        """n training timesteps, uniform over 0..T-1, drawn on the CPU (long)."""
+        return torch.randint(0, self.timesteps, (n,))
+
+    # ------------------------------------------------------------------ sampling grid
+
+    def sampling_levels(self, steps: int) -> list[Level]:
+        """`steps` levels with "trailing" spacing (Lin et al. 2024, Table 2; diffusers'
+        `timestep_spacing="trailing"`): t_i = round(T - i T/steps) - 1, then the clean
+        level t = -1 (alpha = 1). It always starts at t = T - 1, where x_T ~ N(0, I) really
+        is the marginal, unlike "leading" spacing; steps = T visits every step T-1, ..., 0
+        (the classic sampler). Rounding is half-to-even, as numpy's."""
+        total = self.timesteps
+        if not 1 <= steps <= total:
+            raise ValueError(f"steps must be in 1..{total} (the schedule's T), got {steps}")
+        ratio = total / steps
+        ts = [round(total - i * ratio) - 1 for i in range(steps)] + [-1]
+        return [Level(t, math.sqrt(self.alpha_bar(t)), math.sqrt(1.0 - self.alpha_bar(t)))
+                for t in ts]
 
     # ------------------------------------------------------------------ forward process
 

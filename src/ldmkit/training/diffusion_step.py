@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ldmkit.config import Config, DiffusionConfig
-from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.diffusion.objective import Schedule, make_schedule
 from ldmkit.models.text import TextEmbeddings
 from ldmkit.training.common import make_lr_schedule, make_optimizer, resolve_mixed_precision
 
@@ -48,24 +48,24 @@ def drop_captions(text: TextEmbeddings, null: TextEmbeddings, p_uncond: float,
     return text.where(~drop.to(text.tokens.device, non_blocking=True), null)
 
 
-def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, latents: torch.Tensor,
+def diffusion_loss(model: nn.Module, schedule: Schedule, latents: torch.Tensor,
                    text: TextEmbeddings, cfg: DiffusionConfig,
                    autocast: Callable[[], AbstractContextManager],
                    t: torch.Tensor | None = None, noise: torch.Tensor | None = None
                    ) -> torch.Tensor:
-    """Weighted MSE to the eps or v target at uniformly drawn timesteps (or the given `t`
-    and `noise`). `text` is used as given: caption dropout happens before."""
+    """Weighted MSE to the objective's target (eps, v or the flow's velocity) at timesteps
+    drawn by the schedule (or the given `t` and `noise`). `text` is used as given: caption
+    dropout happens before."""
     if t is None:
-        t = torch.randint(0, schedule.timesteps, (latents.shape[0],)).to(
-            latents.device, non_blocking=True)
+        t = schedule.draw_timesteps(latents.shape[0]).to(latents.device, non_blocking=True)
     if noise is None:
         noise = torch.randn_like(latents)
     x_t = schedule.q_sample(latents, t, noise)
-    target = schedule.training_target(latents, noise, t, cfg.prediction)
+    target = schedule.training_target(latents, noise, t, cfg.objective)
     with autocast():
         out = model(x_t, t, text.tokens, text.mask)
     per_item = (out.float() - target).pow(2).mean(dim=(1, 2, 3))
-    return (per_item * schedule.loss_weight(t, cfg.prediction, cfg.min_snr_gamma)).mean()
+    return (per_item * schedule.loss_weight(t, cfg.objective, cfg.min_snr_gamma)).mean()
 
 
 @dataclass
@@ -74,15 +74,15 @@ class Draws:
     timesteps, the noise. Drawn in the order one plain step always drew them."""
 
     drop: torch.Tensor  # bool (B,), on the CPU
-    t: torch.Tensor  # long (B,), on the latents' device
+    t: torch.Tensor  # (B,) on the latents' device: long DDPM steps or float flow times
     noise: torch.Tensor  # like the latents
 
     @staticmethod
-    def draw(latents: torch.Tensor, p_uncond: float, timesteps: int) -> Draws:
+    def draw(latents: torch.Tensor, p_uncond: float, schedule: Schedule) -> Draws:
         n = latents.shape[0]
         drop = torch.rand(n) < p_uncond
         # drawn on the CPU (the same draws on any device); the copy does not wait for it
-        t = torch.randint(0, timesteps, (n,)).to(latents.device, non_blocking=True)
+        t = schedule.draw_timesteps(n).to(latents.device, non_blocking=True)
         return Draws(drop, t, torch.randn_like(latents))
 
     @staticmethod
@@ -140,7 +140,7 @@ class DiffusionStep:
         t = cfg.train
         self.cfg, self.unet, self.accelerator = cfg, unet, accelerator
         self.ema = copy.deepcopy(unet).requires_grad_(False).eval()
-        self.schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+        self.schedule = make_schedule(cfg.diffusion)
         self.optimizer = make_optimizer(unet.parameters(), t.lr, t.weight_decay)
         self.scheduler = make_lr_schedule(self.optimizer, t.warmup_steps, t.steps, progress)
         self.model = unet  # what forward runs: the Accelerator's wrapper when there is one
@@ -168,7 +168,7 @@ class DiffusionStep:
 
     def draw(self, latents: torch.Tensor) -> Draws:
         d = self.cfg.diffusion
-        return Draws.draw(latents, d.p_uncond, self.schedule.timesteps)
+        return Draws.draw(latents, d.p_uncond, self.schedule)
 
     def backward(self, latents: torch.Tensor, text: TextEmbeddings,
                  draws: Draws | None = None) -> torch.Tensor:

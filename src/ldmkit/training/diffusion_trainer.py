@@ -208,7 +208,7 @@ class _Run:
 
         d = self.cfg.diffusion
         return TextToImagePipeline(self.vae, self.trainer.ema, self.text, self.trainer.schedule,
-                                   d.prediction, d.x0_clamp, self.cfg.data.image_size)
+                                   d.objective, d.x0_clamp, self.cfg.data.image_size)
 
     def validation_grid(self, step: int) -> None:
         """The fixed validation prompts, fixed seeds, EMA weights: comparable across steps."""
@@ -231,7 +231,7 @@ class _Run:
 
         self.pipeline().save_pretrained(result.model_dir)
         plot_metrics(self.out_dir / "metrics.jsonl", ["loss"], self.out_dir / "loss.png",
-                     f"diffusion loss ({self.cfg.diffusion.prediction}-prediction)")
+                     f"diffusion loss ({self.cfg.diffusion.objective}-prediction)")
         if self.cfg.train.validation_prompts:
             self.validation_grid(result.steps)
         t = self.cfg.train
