@@ -40,10 +40,11 @@ def test_flow_grid_equals_diffusers_flow_match_euler(T, steps):
     ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T)
     ref.set_timesteps(steps)
     sched = FlowSchedule(T)
-    torch.testing.assert_close(torch.tensor(timesteps_for(sched, steps), dtype=torch.float64), ref.timesteps.double(),
-                               rtol=0, atol=1e-3)
+    ours = torch.tensor(timesteps_for(sched, steps), dtype=torch.float64)
+    torch.testing.assert_close(ours, ref.timesteps.double(), rtol=0, atol=1e-3)
     sigmas = [level.sigma for level in sched.sampling_levels(steps)]
-    torch.testing.assert_close(torch.tensor(sigmas, dtype=torch.float64), ref.sigmas.double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(sigmas, dtype=torch.float64), ref.sigmas.double(),
+                               rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("shift", [3.0, 0.5])
@@ -54,7 +55,8 @@ def test_flow_shift_equals_diffusers_shift(shift):
     ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift)
     ref.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / T, steps, dtype=torch.float64).tolist())
     sigmas = [level.sigma for level in FlowSchedule(T, shift).sampling_levels(steps)]
-    torch.testing.assert_close(torch.tensor(sigmas, dtype=torch.float64), ref.sigmas.double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(sigmas, dtype=torch.float64), ref.sigmas.double(),
+                               rtol=0, atol=1e-6)
     assert shift_time(0.5, shift) == pytest.approx(shift / (1 + shift))
 
 

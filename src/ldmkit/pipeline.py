@@ -21,9 +21,9 @@ from PIL import Image
 from ldmkit import __version__
 from ldmkit.devices import resolve_device
 from ldmkit.diffusion.guidance import CFGDenoiser
+from ldmkit.diffusion.objective import Schedule, schedule_from_dict, scheduler_dict
 from ldmkit.diffusion.registry import HEADLINE
 from ldmkit.diffusion.samplers import run_sampler
-from ldmkit.diffusion.objective import Schedule, schedule_from_dict, scheduler_dict
 from ldmkit.errors import UserError
 from ldmkit.io import read_json, write_json_atomic
 from ldmkit.models.text import TextEmbeddings, TextEncoder, check_prompts
