@@ -37,6 +37,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT / "src"), str(HERE)]
 
+from gpu_sizes import DRY  # noqa: E402  (shared with gpu_workers.py)
+
 CONFIGS = {"shapes-demo": (128,), "coco64": (256, 1024), "seed-coco64": (128, 512)}
 MODES = ("default", "reduce-overhead")
 SECTIONS = ("peak", "tiny_demo", "unet", "sampling", "demo", "unet_compiled",
@@ -44,10 +46,6 @@ SECTIONS = ("peak", "tiny_demo", "unet", "sampling", "demo", "unet_compiled",
 # Seconds a section needs on a GPU machine before it is started (compile: per worker).
 NEEDS = {"peak": 20, "tiny_demo": 60, "unet": 45, "sampling": 40, "demo": 150,
          "unet_compiled": 100, "sampling_compiled": 60}
-DRY = {"overrides": ("unet.base_channels=16", "unet.num_res_blocks=1", "text.max_length=8"),
-       "batch": 4, "sample_batch": 4, "matmul_n": 256}
-TEXT_WIDTHS = {"sentence-transformers/all-MiniLM-L6-v2": 384,
-               "openai/clip-vit-base-patch32": 512}  # hidden size per joined layer
 TARGETS = {"shapes-demo step ms at batch 128 (best mode)": ("shapes-demo", 128, "ms", 5.0),
            "coco64 MFU at batch 256 (best mode)": ("coco64", 256, "mfu", 0.25),
            "coco64 MFU at batch 1024 (best mode)": ("coco64", 1024, "mfu", 0.40)}

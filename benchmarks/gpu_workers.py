@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from gpu_sizes import DRY, TEXT_WIDTHS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,7 +63,6 @@ def timed(fn, device: torch.device, k: int, rounds: int) -> float:
 
 
 def config_of(spec: dict):
-    from gpu_check import DRY
     from ldmkit.config import load_config
 
     overrides = list(DRY["overrides"]) if spec["dry"] else []
@@ -70,7 +71,6 @@ def config_of(spec: dict):
 
 def context_width(text_cfg) -> int:
     """The text tokens' width without loading the encoder (the configs' encoders)."""
-    from gpu_check import TEXT_WIDTHS
 
     return TEXT_WIDTHS[text_cfg.encoder] * len(text_cfg.hidden_layers)
 
@@ -248,7 +248,6 @@ def host_syncs(cfg, init: dict, batch: dict, device) -> str:
 def sampling(spec: dict) -> None:
     """Prompt -> image at the shapes-demo widths, random weights, bf16 autocast."""
     from bench_experiments import untrained_pipeline
-    from gpu_check import DRY
     from ldmkit.diffusion.registry import HEADLINE
     from ldmkit.evaluation.fidelity import PROMPT_SEED
     from ldmkit.evaluation.prompts import prompt_set

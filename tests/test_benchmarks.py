@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "studies"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the suite
 
 import bench_table
 import benchlib
@@ -202,12 +203,12 @@ def test_benchmark_training_step_is_the_trainers_public_step_at_its_precision(tm
 def test_shard_cache_benchmark_captions_are_fixed_and_few():
     """The 1M-item cache benchmark's made-up captions: the same every run, 2,544 distinct
     (so MiniLM encodes them in seconds), and the made-up dataset never loads an item."""
-    import bench_shard_cache
+    import shard_cache
 
-    caps = [bench_shard_cache.made_up_caption(i) for i in range(200_000)]
-    assert caps[:50] == [bench_shard_cache.made_up_caption(i) for i in range(50)]
+    caps = [shard_cache.made_up_caption(i) for i in range(200_000)]
+    assert caps[:50] == [shard_cache.made_up_caption(i) for i in range(50)]
     assert len(set(caps)) == 2544
-    items = bench_shard_cache.MadeUpItems(1_000_000)
+    items = shard_cache.MadeUpItems(1_000_000)
     assert len(items) == 1_000_000
     with pytest.raises(AssertionError, match="cache should have served it"):
         items[5]

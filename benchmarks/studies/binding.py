@@ -1,3 +1,5 @@
+# Question: which changes make the demo's U-Net bind two objects, and after how many steps?
+# Answer: BENCHMARKS.md "What makes the U-Net bind two objects"; results/binding*.json
 """Which changes make the demo's U-Net bind attributes to the right object, per step?
 
 Side by side on one VAE per data seed: each variant (a list of config overrides on top of
@@ -7,7 +9,7 @@ pairs) and w = 1 on the two-object set. Budgets are in steps, so the fidelity nu
 not depend on how busy the machine was; seconds per step are recorded beside them (they
 do, and the JSON says what the load was).
 
-    python benchmarks/binding.py --steps 500 --seeds 0 1 --variants baseline text2
+    python benchmarks/studies/binding.py --steps 500 --seeds 0 1 --variants baseline text2
     -> benchmarks/results/binding.json (merged: reruns replace their own rows)
 
 On a GPU machine the training step is host-bound (issue 16), so one GPU runs many variants
@@ -32,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
 from benchlib import DEMO_CONFIG, RESULTS_DIR  # noqa: E402
 from ldmkit.config import load_config  # noqa: E402
 from ldmkit.io import read_json, write_json_atomic  # noqa: E402
@@ -68,16 +71,18 @@ VARIANTS = {
     # ... MiniLM's first transformer layer instead of its last: a little context
     "len16-2000-layers01": ["text.max_length=16", "train.steps=2000",
                             "text.hidden_layers=[0, 1]"],
-    # the demo config; with benchmarks/patches/text-layers-as-tokens.diff applied and
-    # EXP_JOIN=tokens, layers 0 and -1 as two token blocks instead of side by side
+    # the demo config; with the experiment patch text-layers-as-tokens.diff applied and
+    # EXP_JOIN=tokens, layers 0 and -1 as two token blocks instead of side by side (not
+    # adopted; the patch: `git show c81dc6e:benchmarks/patches/text-layers-as-tokens.diff`)
     "len16-2000-tokens": ["text.max_length=16", "train.steps=2000"],
     # the demo config since its VAE sees the held-out pairs' images (vae.include_heldout);
     # rows made with --vae-from the demo runs' own VAEs
     "demo-2000": ["train.steps=2000"],
     "demo-2400": ["train.steps=2400"],  # 20 % more updates than the demo can afford
-    # with benchmarks/patches/context-dropout.diff and EXP_CTXDROP=0.3: the last layer's
+    # with the experiment patch context-dropout.diff and EXP_CTXDROP=0.3: the last layer's
     # half of each token zeroed for 30 % of captions, so colour and shape must also be read
-    # from the context-free embedding layer
+    # from the context-free embedding layer (not adopted; the patch:
+    # `git show c81dc6e:benchmarks/patches/context-dropout.diff`)
     "demo-2000-ctxdrop": ["train.steps=2000"],
 }
 OUT = RESULTS_DIR / "binding.json"

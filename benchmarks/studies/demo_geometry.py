@@ -1,3 +1,5 @@
+# Question: can the shapes demo keep the seed's 64x64 / f = 8, or does it need 32x32 / f = 4?
+# Answer: BENCHMARKS.md "Demo geometry"; results/demo_geometry*.json
 """The demo's geometry, measured side by side: 64x64 images / f = 8 against 32x32 / f = 4.
 
 Both give 8x8x4 latents, so the U-Net stage costs the same; what differs is the VAE. Each
@@ -8,7 +10,7 @@ what the prompts ask for at all — an upper bound on prompt fidelity whatever t
 Runs one after the other (never two trainings at once on a 2-core CPU). Writes
 benchmarks/results/demo_geometry.json and prints it.
 
-    .venv/bin/python benchmarks/demo_geometry.py [--minutes 2.25] [--n 600]
+    .venv/bin/python benchmarks/studies/demo_geometry.py [--minutes 2.25] [--n 600]
         [--small-radius 0.095]   # the data's old small size, for the record
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchlib import machine_info  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
+from benchlib import RESULTS_DIR, machine_info  # noqa: E402
 from ldmkit.config import load_config  # noqa: E402
 from ldmkit.data import build_dataset, shapes  # noqa: E402
 from ldmkit.data.memory import materialize  # noqa: E402
@@ -93,7 +97,7 @@ def main() -> None:
     result = {"machine": machine_info(), "small_radius": shapes.SIZE_RADIUS["small"],
               "rows": rows}
     suffix = "" if args.small_radius is None else f"_small{args.small_radius:g}"
-    out = Path(__file__).parent / "results" / f"demo_geometry{suffix}.json"
+    out = RESULTS_DIR / f"demo_geometry{suffix}.json"
     write_json_atomic(out, result)
     print(json.dumps(result, indent=2))
 

@@ -1,3 +1,5 @@
+# Question: does the emoji demo's VAE do better at 32x32 / f = 4 than at 64x64 / f = 8?
+# Answer: BENCHMARKS.md "Emoji demo"; results/emoji_geometry*.json
 """The emoji demo's geometry, measured: 64x64 images / f = 8 (the seed's, the demo's)
 against 32x32 / f = 4. Both give 8x8x4 latents, so the U-Net costs the same; what
 differs is the VAE. Each is trained with configs/emoji64.toml's VAE settings for a step
@@ -7,7 +9,7 @@ the held-out emoji's real images: how much of each emoji's identity survives the
 upper bound on identity accuracy whatever the U-Net. Writes
 benchmarks/results/emoji_geometry.json.
 
-    .venv/bin/python benchmarks/emoji_geometry.py --data runs/emoji-data [--steps 1500]
+    .venv/bin/python benchmarks/studies/emoji_geometry.py --data runs/emoji-data [--steps 1500]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ldmkit.evaluation.vae_metrics import evaluate_vae  # noqa: E402
 from ldmkit.io import write_json_atomic  # noqa: E402
 from ldmkit.training.vae_trainer import train_vae  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "emoji64.toml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "emoji64.toml"
 GEOMETRIES = {  # overrides, and steps per step of the 64x64 VAE at equal CPU time
     "64x64 / f=8": ([], 1),
     "32x32 / f=4": (["data.image_size=32", "vae.downsample_factor=4",
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="steps of the 32x32 VAE per 64x64 step (default 3: equal CPU time "
                         "on a quiet machine)")
     p.add_argument("--only", choices=tuple(GEOMETRIES), default=None)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "emoji_geometry.json"))
+    results = Path(__file__).resolve().parents[1] / "results"
+    p.add_argument("--out", default=str(results / "emoji_geometry.json"))
     args = p.parse_args(argv)
     train, held = load_split(Path(args.data) / "train"), load_split(Path(args.data) / "heldout")
     judge, classes = load_emoji_judge()

@@ -1,3 +1,5 @@
+# Question: does DPM-Solver++ at 10 steps keep up with 20 on the demo's models?
+# Answer: BENCHMARKS.md "Few-step DPM-Solver++"; results/few_step*.json
 """Few-step sampling on trained demo models: does DPM-Solver++ at 10 steps keep up with 20?
 
 For each model folder, every prompt set (single, two objects, held-out pairs) at w = 5 on
@@ -7,17 +9,20 @@ diffusers' rule for the last updates (only the readout first order,
 `samplers.LOWER_ORDER_FINAL_BELOW = 0` here), and DDIM at 10 steps. Fidelity is the judge's,
 as in the demo's evaluation.json; nothing here depends on the machine's speed.
 
-    python benchmarks/few_step.py runs/demo/model runs/demo-seed1/model runs/demo-seed2/model
+    python benchmarks/studies/few_step.py runs/demo/model runs/demo-seed1/model \
+        runs/demo-seed2/model
     -> benchmarks/results/few_step.json
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
 from benchlib import RESULTS_DIR, judge_demo_models  # noqa: E402
 from ldmkit.diffusion import samplers  # noqa: E402
 from ldmkit.evaluation.fidelity import PROMPT_SETS, Entry, FidelityEvaluator  # noqa: E402

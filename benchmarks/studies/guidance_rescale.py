@@ -1,3 +1,5 @@
+# Question: what does guidance rescale (phi = 0, 0.5, 0.7) buy at w = 5?
+# Answer: BENCHMARKS.md "Guidance rescale"; results/guidance_rescale*.json
 """Guidance rescale on trained demo models: what Lin et al.'s phi buys at w = 5.
 
 For each model folder, every prompt set (single, two objects, held-out pairs), DPM-Solver++
@@ -5,7 +7,7 @@ at 20 and 10 steps, phi = 0 (plain CFG), 0.5 and 0.7, on the same 400 prompts an
 noise per set (paired rows, so differences are the rescale's). Fidelity is the judge's, as
 in the demo's evaluation.json; nothing here depends on the machine's speed.
 
-    python benchmarks/guidance_rescale.py runs/demo/model runs/demo-seed1/model \
+    python benchmarks/studies/guidance_rescale.py runs/demo/model runs/demo-seed1/model \
         runs/demo-seed2/model
     -> benchmarks/results/guidance_rescale.json
 """
@@ -13,10 +15,12 @@ in the demo's evaluation.json; nothing here depends on the machine's speed.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
 from benchlib import RESULTS_DIR, judge_demo_models  # noqa: E402
 from ldmkit.diffusion.registry import HEADLINE  # noqa: E402
 from ldmkit.evaluation.fidelity import PROMPT_SETS, Entry, FidelityEvaluator  # noqa: E402

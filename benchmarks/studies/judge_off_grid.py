@@ -1,3 +1,5 @@
+# Question: does the shapes judge read objects off the data's five spots?
+# Answer: BENCHMARKS.md "The judge off the five spots"; results/judge_off_grid.json
 """Does the shapes judge read objects between the data's five spots, and what does that
 change in the demo's fidelity?
 
@@ -9,7 +11,8 @@ demo model's headline images (w = 5, DPM-Solver++ 20, the headline's rescale, 20
 per set, the evaluation's prompts and noise) once and reads them with every judge: fidelity,
 and how many verdicts and readings differ from the first --judges entry's (the reference).
 
-    python benchmarks/judge_off_grid.py --judges OLD/judge.safetensors CONTROL/judge.safetensors \\
+    python benchmarks/studies/judge_off_grid.py \\
+        --judges OLD/judge.safetensors CONTROL/judge.safetensors \\
         --models runs/demo/model runs/demo-seed1/model runs/demo-seed2/model
     -> benchmarks/results/judge_off_grid.json       (the shipped judge is always the first)
 """
@@ -25,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
 from benchlib import RESULTS_DIR, machine_info, set_threads  # noqa: E402
 from ldmkit.io import write_json_atomic  # noqa: E402
 

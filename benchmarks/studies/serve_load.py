@@ -1,8 +1,10 @@
+# Question: does `ldmkit serve`'s batching give >= 2x the images/s of one at a time?
+# Answer: BENCHMARKS.md "Serving load test"; results/serve_load.json
 """Load test of `ldmkit serve` on this machine: concurrent clients (batched) against the
 same requests sent one at a time. Localhost only; bounded in requests and time.
 
-    .venv/bin/python benchmarks/serve_load.py              # 32 clients x 4 requests, 20 steps
-    .venv/bin/python benchmarks/serve_load.py --quick      # tiny sizes: a machinery check
+    .venv/bin/python benchmarks/studies/serve_load.py          # 32 clients x 4 requests, 20 steps
+    .venv/bin/python benchmarks/studies/serve_load.py --quick  # tiny sizes: a machinery check
 
 Starts `ldmkit serve` as its own process on a free loopback port, with `runs/demo/model`
 when present, else a model built with random weights at the demo's widths
@@ -34,7 +36,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
 
 import benchlib
 
@@ -70,7 +72,7 @@ def random_demo_model(root: Path) -> Path:
     import torch
 
     from ldmkit.config import load_config
-    from ldmkit.diffusion.schedule import NoiseSchedule
+    from ldmkit.diffusion.objective import make_schedule
     from ldmkit.models.text import TextEncoder
     from ldmkit.models.unet import UNet
     from ldmkit.models.vae import AutoencoderKL
@@ -83,8 +85,8 @@ def random_demo_model(root: Path) -> Path:
     unet = UNet(cfg.unet, cfg.vae.latent_channels, text.hidden_size)
     # the zero-initialised output conv would give every seed the same image
     torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
-    schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    pipe = TextToImagePipeline(vae, unet, text, schedule, cfg.diffusion.prediction,
+    schedule = make_schedule(cfg.diffusion)
+    pipe = TextToImagePipeline(vae, unet, text, schedule, cfg.diffusion.objective,
                                cfg.diffusion.x0_clamp, cfg.data.image_size)
     pipe.save_pretrained(root / "model")
     return root / "model"
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(30)
     batches = health["batches"] - before["batches"]
     result = {
-        "command": "python benchmarks/serve_load.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python benchmarks/studies/serve_load.py " + " ".join(argv or sys.argv[1:]),
         "machine": info, "busy_warning": busy,
         "load_average_1m_end": round(os.getloadavg()[0], 2),
         "model": note, "image_size": model_info["image_size"],

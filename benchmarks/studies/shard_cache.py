@@ -1,6 +1,8 @@
+# Question: does training's RAM stay flat on a latent cache of a million items?
+# Answer: BENCHMARKS.md "A cache of a million items"; results/shard_cache.json
 """Peak RSS of stage-2 training on a sharded latent cache of many items (issue 12).
 
-    python benchmarks/bench_shard_cache.py [--items 20000,1000000] [--steps 20] [--threads 1]
+    python benchmarks/studies/shard_cache.py [--items 20000,1000000] [--steps 20] [--threads 1]
 
 For each size the parent writes a cache in ldmkit's own format (`latent_cache.write_shard`,
 `write_manifest`) with MADE-UP latents (Gaussian noise of the demo's 4x8x8 shape: encoding a
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
 from benchlib import DEMO_CONFIG, RESULTS_DIR, machine_info, peak_rss_mb, set_threads
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]

@@ -1,3 +1,5 @@
+# Question: how much time does the text-embedding cache save per epoch?
+# Answer: BENCHMARKS.md "Text-embedding cache"; printed as JSON (no results file)
 """Time to embed the shapes training captions with and without the text-embedding cache.
 
 Without a cache (the seed) every training step re-encodes its batch of captions, so one
@@ -5,7 +7,7 @@ epoch costs one encoder pass per caption. With the cache each distinct caption i
 once (first build), a later run only loads the shards (warm reuse), and a training step is a
 tensor gather. Prints one JSON object.
 
-    .venv/bin/python benchmarks/text_cache_speed.py [--n 20000] [--encoder NAME] ...
+    .venv/bin/python benchmarks/studies/text_cache_speed.py [--n 20000] [--encoder NAME] ...
 """
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# Question: does each seed's VAE give back the held-out pairs' images?
+# Answer: BENCHMARKS.md "Held-out pairs at the demo's budget"; results/vae_heldout_roundtrip.json
 """Can a demo model's VAE draw the held-out colour/shape pairs at all?
 
 The demo's VAE trains on the training split, which never shows a held-out pair (purple
@@ -6,7 +8,7 @@ autoencoder generalises to those colours on those shapes. For each model folder:
 images of each held-out pair and of two seen neighbours (both sizes, every position),
 through the VAE (posterior mean) and back, read by the shapes judge.
 
-    python benchmarks/vae_heldout_roundtrip.py runs/demo/model runs/demo-seed1/model ...
+    python benchmarks/studies/vae_heldout_roundtrip.py runs/demo/model runs/demo-seed1/model ...
     -> benchmarks/results/vae_heldout_roundtrip.json
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
 from benchlib import RESULTS_DIR, machine_info, set_threads  # noqa: E402
 from ldmkit.io import write_json_atomic  # noqa: E402
 
