@@ -33,17 +33,25 @@ def _opt(default: Any, *, lo: float | None = None, hi: float | None = None,
 
 @dataclass
 class DataConfig:
-    dataset: str = _opt("shapes", choices=("shapes", "coco", "folder"))
+    """[data]: where the images and captions come from (docs/training.md, "Data")."""
+
+    dataset: str = _opt("shapes", choices=("shapes", "coco", "folder"),
+                        doc="shapes: built-in, generated from data.seed; coco: MS-COCO captions "
+                            "under data.root; folder: images + metadata.jsonl or .txt captions")
     root: str = _opt("", doc="dataset folder for coco / folder")
     split: str = _opt("train", doc="coco split name (train, val)")
-    image_size: int = _opt(64, lo=8, hi=1024)
-    seed: int = _opt(0, lo=0)
+    image_size: int = _opt(64, lo=8, hi=1024, doc="side of the square images in pixels (coco / "
+                                                  "folder: resized on the short side, "
+                                                  "centre-cropped)")
+    seed: int = _opt(0, lo=0, doc="shapes: the seed every scene is drawn from")
     num_items: int = _opt(20000, lo=1, doc="length of one epoch of the shapes data")
     val_items: int = _opt(256, lo=1, doc="held-out images for reconstructions and metrics")
-    two_object_fraction: float = _opt(0.5, lo=0.0, hi=1.0)
+    two_object_fraction: float = _opt(0.5, lo=0.0, hi=1.0, doc="shapes: the share of scenes with "
+                                                               "two objects and a relation")
     heldout: list[str] = _opt(["purple triangle", "orange circle"],
                               doc="'colour shape' pairs never shown in training")
-    num_workers: int = _opt(0, lo=0)
+    num_workers: int = _opt(0, lo=0, doc="DataLoader worker processes; 0 = load in the training "
+                                         "process")
     balance_by: str = _opt("", doc="folder data: a metadata.jsonl field; the U-Net draws "
                                    "each of its values equally often (empty = every image "
                                    "equally often)")
@@ -54,11 +62,13 @@ class VAEArchitecture:
     """What builds the VAE network, and all a VAE model folder's config.json holds
     (as nanoGPT's model_args and diffusers' @register_to_config: no training settings)."""
 
-    downsample_factor: int = _opt(8, choices=(4, 8))
-    base_channels: int = _opt(64, lo=8)
+    downsample_factor: int = _opt(8, choices=(4, 8), doc="image side / latent side (64x64 images "
+                                                         "-> 8x8 latents at 8)")
+    base_channels: int = _opt(64, lo=8, doc="channels of the first level; level i has "
+                                            "base_channels x channel_mult[i]")
     channel_mult: list[int] = _opt([1, 2, 2, 4], doc="one entry per level: log2(factor) + 1")
-    num_res_blocks: int = _opt(1, lo=1)
-    latent_channels: int = _opt(4, lo=1)
+    num_res_blocks: int = _opt(1, lo=1, doc="ResNet blocks per level")
+    latent_channels: int = _opt(4, lo=1, doc="channels of the latent the U-Net sees")
     attention: bool = _opt(True, doc="self-attention at the lowest resolution")
     scale_factor: float = _opt(0.0, lo=0.0, doc="1/std of latents; 0 = compute after training")
 
@@ -74,23 +84,52 @@ class VAEConfig(VAEArchitecture):
     configs short; the model folder saves only `architecture()`."""
 
     kl_weight: float = _opt(1e-6, lo=0.0, doc="relative to per-pixel reconstruction loss")
-    recon_loss: str = _opt("mse", choices=("mse", "l1"))
+    recon_loss: str = _opt("mse", choices=("mse", "l1", "charbonnier"),
+                           doc="the per-pixel term: squared error, absolute error, or "
+                               "Charbonnier sqrt(e^2 + 1e-6) (a smooth L1)")
+    # The other terms (training/vae_losses.py) are off by default, which is the shapes
+    # demo's recipe; configs/emoji64.toml turns on what BENCHMARKS.md "VAE recipe for real
+    # images" measured to pay on real pictures.
+    ssim_weight: float = _opt(0.0, lo=0.0, doc="weight of 1 - SSIM (pytorch-msssim, 11x11 "
+                                               "Gaussian window) beside the pixel term")
+    ffl_weight: float = _opt(0.0, lo=0.0, doc="weight of the focal frequency loss (Jiang "
+                                              "et al. 2021, alpha = 1), on image spectra")
+    blur_weight: float = _opt(0.0, lo=0.0, doc="weight of an L1 term between 4x4-average-"
+                                               "pooled images: the colour of each region, "
+                                               "against colour drift")
+    gan_weight: float = _opt(0.0, lo=0.0, doc="PatchGAN hinge term (taming / LDM), times "
+                                              "the adaptive weight from the decoder's last "
+                                              "layer; 0 = no discriminator")
+    gan_start: int = _opt(0, lo=0, doc="step at which the discriminator and its term start")
+    disc_channels: int = _opt(32, lo=4, doc="discriminator width (taming's ndf is 64)")
+    disc_layers: int = _opt(2, lo=1, hi=5, doc="stride-2 layers of the discriminator "
+                                               "(taming: 3, for 256-pixel images)")
+    ema_decay: float = _opt(0.0, lo=0.0, hi=1.0, doc="EMA of the VAE weights, saved and "
+                                                     "evaluated instead of the live ones; "
+                                                     "0 = off")
+    adam_beta1: float = _opt(0.9, lo=0.0, hi=1.0, doc="Adam's beta1 (LDM's VAE: 0.5)")
+    adam_beta2: float = _opt(0.999, lo=0.0, hi=1.0, doc="Adam's beta2 (LDM's VAE: 0.9)")
     include_heldout: bool = _opt(False, doc="shapes data: the VAE also trains on images of "
                                             "the held-out pairs (images only; the U-Net "
                                             "never sees those pairs)")
-    steps: int = _opt(2000, lo=1)
-    batch_size: int = _opt(32, lo=1)
-    lr: float = _opt(2e-4, lo=0.0)
-    warmup_steps: int = _opt(100, lo=0)
+    steps: int = _opt(2000, lo=1, doc="stage 1 optimizer updates")
+    batch_size: int = _opt(32, lo=1, doc="images per update (per process)")
+    lr: float = _opt(2e-4, lo=0.0, doc="Adam learning rate: linear warm-up, then cosine decay over "
+                                       "the steps (or the minutes)")
+    warmup_steps: int = _opt(100, lo=0, doc="updates of linear LR warm-up")
     minutes: float = _opt(0.0, lo=0.0, doc="wall-clock budget; 0 = run all steps")
 
 
 @dataclass
 class TextConfig:
+    """[text]: the frozen, pretrained text encoder and how captions become tokens."""
+
     encoder: str = _opt("sentence-transformers/all-MiniLM-L6-v2",
                         doc="Hugging Face name or local folder")
-    max_length: int = _opt(32, lo=2, hi=1024)
-    dtype: str = _opt("float32", choices=("float32", "bfloat16"))
+    max_length: int = _opt(32, lo=2, hi=1024, doc="token positions per caption; a longer caption "
+                                                  "is cut, with a warning")
+    dtype: str = _opt("float32", choices=("float32", "bfloat16"), doc="dtype of the frozen "
+                                                                      "encoder's weights")
     revision: str = _opt("", doc="hub revision; empty = default")
     cache_dir: str = _opt("", doc="embedding cache folder; empty = <run>/cache")
     hidden_layers: list[int] = _opt([-1], doc="hidden states joined per token: -1 = the last "
@@ -107,13 +146,15 @@ class UNetConfig:
                          "transformer over latent patches with adaLN-Zero and "
                          "cross-attention (Peebles & Xie 2023); mmdit: joint attention over "
                          "patches and text tokens with weights per stream (SD3)")
-    base_channels: int = _opt(64, lo=8)
-    channel_mult: list[int] = _opt([1, 2, 2])
-    num_res_blocks: int = _opt(2, lo=1)
+    base_channels: int = _opt(64, lo=8, doc="unet: channels of the top level")
+    channel_mult: list[int] = _opt([1, 2, 2], doc="unet: one entry per level, channels = "
+                                                  "base_channels x entry")
+    num_res_blocks: int = _opt(2, lo=1, doc="unet: ResBlocks per level")
     cross_attn_levels: list[int] = _opt([1, 2], doc="levels with cross-attention (0 = top)")
-    self_attn: bool = _opt(True)
-    num_heads: int = _opt(4, lo=1)
-    dropout: float = _opt(0.0, lo=0.0, hi=1.0)
+    self_attn: bool = _opt(True, doc="unet: self-attention before the cross-attention at the "
+                                     "cross-attention levels")
+    num_heads: int = _opt(4, lo=1, doc="attention heads")
+    dropout: float = _opt(0.0, lo=0.0, hi=1.0, doc="dropout inside the blocks")
     pooled_text: bool = _opt(False, doc="add the masked mean of the text tokens to the "
                                         "time embedding (global conditioning, as Imagen)")
     text_layers: int = _opt(0, lo=0, doc="trainable transformer blocks over the frozen text "
@@ -128,8 +169,13 @@ class UNetConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = _opt("cosine", choices=("cosine", "linear"))
-    timesteps: int = _opt(1000, lo=2)
+    """[diffusion]: what the denoiser learns and the noise schedule (the model folder's
+    scheduler.json)."""
+
+    schedule: str = _opt("cosine", choices=("cosine", "linear"), doc="the DDPM noise schedule "
+                                                                     "(eps, v)")
+    timesteps: int = _opt(1000, lo=2, doc="T: the training timesteps; samplers take at most T "
+                                          "steps")
     objective: str = _opt("eps", choices=("eps", "v", "flow"),
                           doc="what the network learns: the noise (eps) or v on the DDPM "
                               "schedule, or the velocity of rectified flow (flow: straight "
@@ -146,48 +192,71 @@ class DiffusionConfig:
     logit_std: float = _opt(1.0, lo=0.01, hi=5.0, doc="flow, logit-normal: std of the normal")
     min_snr_gamma: float = _opt(0.0, lo=0.0, doc="0 = off; 5 is the paper's value "
                                                  "(eps/v only: flow ignores it)")
-    p_uncond: float = _opt(0.15, lo=0.0, hi=1.0)
+    p_uncond: float = _opt(0.15, lo=0.0, hi=1.0, doc="probability that a training caption is "
+                                                     "dropped (the empty prompt), so one network "
+                                                     "also learns the unconditional prediction "
+                                                     "guidance needs")
     x0_clamp: float = _opt(0.0, lo=0.0, doc="clamp x0 estimates to +-this in latent units; 0 = off")
 
 
 @dataclass
 class TrainConfig:
+    """[train]: how stage 2 trains the denoiser. Stage 1 reads its own steps, batch, LR
+    and budget from [vae], and mixed_precision, seed, grad_clip, weight_decay, log_every
+    and checkpoint_every from here."""
+
     steps: int = _opt(2000, lo=1, doc="optimizer updates (each of grad_accum_steps "
                                       "micro-batches on every process)")
     batch_size: int = _opt(128, lo=1, doc="per process and micro-batch: one update sees "
                                           "batch_size x grad_accum_steps x processes images")
     grad_accum_steps: int = _opt(1, lo=1, doc="micro-batches whose gradients make one update "
                                               "(stage 2), for a large batch on a small GPU")
-    lr: float = _opt(2e-4, lo=0.0)
-    weight_decay: float = _opt(0.0, lo=0.0)
-    warmup_steps: int = _opt(100, lo=0)
+    lr: float = _opt(2e-4, lo=0.0, doc="AdamW learning rate: linear warm-up, then cosine decay "
+                                       "over the steps (or the minutes)")
+    weight_decay: float = _opt(0.0, lo=0.0, doc="AdamW weight decay")
+    warmup_steps: int = _opt(100, lo=0, doc="updates of linear LR warm-up")
     grad_clip: float = _opt(1.0, lo=0.0, doc="0 = off")
-    mixed_precision: str = _opt("auto", choices=("auto", "no", "bf16", "fp16"))
+    mixed_precision: str = _opt("auto", choices=("auto", "no", "bf16", "fp16"),
+                                doc="auto: bf16 on CPUs and bf16-capable GPUs, fp16 with loss "
+                                    "scaling on other GPUs; no = fp32")
     compile: str = _opt("off", choices=("off", "default", "reduce-overhead"),
                         doc="torch.compile the U-Net's training forward (stage 2): "
                             "reduce-overhead adds CUDA graphs on a GPU; off on a CPU, where "
                             "it does not pay (BENCHMARKS.md)")
-    ema_decay: float = _opt(0.999, lo=0.0, hi=1.0)
+    ema_decay: float = _opt(0.999, lo=0.0, hi=1.0, doc="EMA of the weights; the model folder saves "
+                                                       "the EMA weights")
     use_cache: bool = _opt(True, doc="cache latents and text embeddings once")
-    log_every: int = _opt(25, lo=1)
-    checkpoint_every: int = _opt(500, lo=1)
-    sample_every: int = _opt(500, lo=1)
-    seed: int = _opt(0, lo=0)
+    log_every: int = _opt(25, lo=1, doc="updates between logged losses (metrics.jsonl); the loss "
+                                        "is read from the device only then")
+    checkpoint_every: int = _opt(500, lo=1, doc="updates between checkpoints (--resume continues "
+                                                "from the latest)")
+    sample_every: int = _opt(500, lo=1, doc="updates between grids of the validation prompts "
+                                            "(samples/)")
+    seed: int = _opt(0, lo=0, doc="seed of the weights, draws and noise: the same seed and number "
+                                  "of processes give the same run")
     minutes: float = _opt(0.0, lo=0.0, doc="wall-clock budget; 0 = run all steps")
     validation_prompts: list[str] = _opt(["a red circle", "a blue square on the left",
                                           "a small green triangle at the top",
-                                          "a yellow cross left of a purple square"])
+                                          "a yellow cross left of a purple square"],
+                                         doc="prompts of the validation grids (4 images each, "
+                                             "sampled with [sample])")
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = _opt(HEADLINE.sampler, choices=tuple(SAMPLERS))
-    steps: int = _opt(HEADLINE.steps, lo=1)
-    guidance: float = _opt(HEADLINE.guidance, lo=0.0)
-    guidance_rescale: float = _opt(HEADLINE.guidance_rescale, lo=0.0, hi=1.0)
-    eta: float = _opt(0.0, lo=0.0, hi=1.0)
-    n: int = _opt(8, lo=1)
-    seed: int = _opt(0, lo=0)
+    """[sample]: how a training run draws its validation grids (train.sample_every).
+    `ldmkit sample`, the server and the pipeline take their own arguments."""
+
+    sampler: str = _opt(HEADLINE.sampler, choices=tuple(SAMPLERS), doc="sampler of the validation "
+                                                                       "grids")
+    steps: int = _opt(HEADLINE.steps, lo=1, doc="denoising steps")
+    guidance: float = _opt(HEADLINE.guidance, lo=0.0, doc="classifier-free guidance scale w (1 = "
+                                                          "none)")
+    guidance_rescale: float = _opt(HEADLINE.guidance_rescale, lo=0.0, hi=1.0,
+                                   doc="not read yet (the grids use the headline's rescale)")
+    eta: float = _opt(0.0, lo=0.0, hi=1.0, doc="not read yet (DDIM's eta)")
+    n: int = _opt(8, lo=1, doc="not read yet (the grids draw 4 per prompt)")
+    seed: int = _opt(0, lo=0, doc="seed of the grids' noise, the same at every step")
 
 
 @dataclass
@@ -356,6 +425,8 @@ def _check_cross_field(cfg: Config, source: str) -> None:
     if cfg.data.image_size % cfg.vae.downsample_factor:
         raise ConfigError(f"{source}: data.image_size = {cfg.data.image_size} is not divisible "
                           f"by vae.downsample_factor = {cfg.vae.downsample_factor}")
+    if cfg.unet.kind != "unet":
+        _check_transformer(cfg, source)
     bad = [lvl for lvl in cfg.unet.cross_attn_levels if not 0 <= lvl < len(cfg.unet.channel_mult)]
     if bad:
         raise ConfigError(f"{source}: unet.cross_attn_levels {bad} outside "
@@ -370,3 +441,15 @@ def _check_cross_field(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: data.balance_by = {cfg.data.balance_by!r} balances "
                           f"folder data by a metadata.jsonl field; data.dataset is "
                           f"{cfg.data.dataset!r}")
+
+
+def _check_transformer(cfg: Config, source: str) -> None:
+    u = cfg.unet
+    if u.width % u.num_heads:
+        raise ConfigError(f"{source}: unet.width = {u.width} is not divisible by "
+                          f"unet.num_heads = {u.num_heads}")
+    latent = cfg.data.image_size // cfg.vae.downsample_factor
+    if latent % u.patch_size:
+        raise ConfigError(f"{source}: unet.patch_size = {u.patch_size} does not divide the "
+                          f"{latent}x{latent} latents (data.image_size / "
+                          f"vae.downsample_factor)")

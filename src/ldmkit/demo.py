@@ -96,8 +96,8 @@ TINY_OVERRIDES = [
     "vae.downsample_factor=4", "vae.channel_mult=[1, 2, 2]", "vae.base_channels=8",
     "vae.steps=3", "vae.batch_size=8",
     "unet.base_channels=16", "unet.channel_mult=[1, 2]", "unet.cross_attn_levels=[1]",
-    "unet.num_res_blocks=1", "unet.num_heads=2", "diffusion.timesteps=20",
-    "train.steps=4", "train.batch_size=8", "train.sample_every=1000",
+    "unet.num_res_blocks=1", "unet.num_heads=2", "unet.width=32", "unet.depth=2",
+    "diffusion.timesteps=20", "train.steps=4", "train.batch_size=8", "train.sample_every=1000",
     "train.checkpoint_every=1000", "train.log_every=1", "vae.minutes=0", "train.minutes=0",
 ]
 

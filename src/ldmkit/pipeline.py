@@ -20,14 +20,15 @@ from PIL import Image
 
 from ldmkit import __version__
 from ldmkit.devices import resolve_device
+from ldmkit.diffusion.editing import KnownRegion, sample_from
 from ldmkit.diffusion.guidance import CFGDenoiser
 from ldmkit.diffusion.objective import Schedule, schedule_from_dict, scheduler_dict
 from ldmkit.diffusion.registry import HEADLINE
-from ldmkit.diffusion.samplers import run_sampler
+from ldmkit.editing import EditInputs, edit_latents, edited_images, prepare_edit
 from ldmkit.errors import UserError
 from ldmkit.io import read_json, write_json_atomic
+from ldmkit.models.denoiser import FolderModel, load_denoiser
 from ldmkit.models.text import TextEmbeddings, TextEncoder, check_prompts
-from ldmkit.models.unet import UNet
 from ldmkit.models.vae import AutoencoderKL
 from ldmkit.sampling_args import (
     CHUNK,
@@ -54,7 +55,7 @@ StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 class TextToImagePipeline:
     """Generate images from prompts with classifier-free guidance."""
 
-    def __init__(self, vae: AutoencoderKL, unet: UNet, text_encoder: TextEncoder,
+    def __init__(self, vae: AutoencoderKL, unet: FolderModel, text_encoder: TextEncoder,
                  schedule: Schedule, prediction: str = "eps", x0_clamp: float = 0.0,
                  image_size: int | None = None):
         if unet.in_channels != vae.config.latent_channels:
@@ -72,7 +73,7 @@ class TextToImagePipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def with_unet(self, unet: UNet) -> TextToImagePipeline:
+    def with_unet(self, unet: FolderModel) -> TextToImagePipeline:
         """The same pipeline around other U-Net weights (e.g. a training snapshot), moved
         to this pipeline's device and put through the constructor's fit checks again."""
         return TextToImagePipeline(self.vae, unet.to(self.device), self.text_encoder,
@@ -122,17 +123,31 @@ class TextToImagePipeline:
                 num_inference_steps: int, guidance_scale: float, sampler: str,
                 generator: torch.Generator | None = None, callback: StepCallback | None = None,
                 eta: float = 0.0, guidance_rescale: float = HEADLINE.guidance_rescale,
-                two_pass: bool = False, bf16: bool = False) -> torch.Tensor:
+                two_pass: bool = False, bf16: bool = False, start: int = 0,
+                known: tuple[torch.Tensor, torch.Tensor] | None = None,
+                resample: int = 0) -> torch.Tensor:
         """The guided sampler from given noise and conditioning (rows = images): the one
-        loop that `generate_latents` and the server's batches run. Arguments are trusted
-        (checked by the callers); non-finite latents are refused."""
+        loop that `generate_latents`, the edits and the server's batches run. An edit
+        starts at grid level `start` (x_T is then the picture noised to it) and may hold
+        `known` = (latents, latent mask, 1 = repaint) with `resample` RePaint passes
+        (diffusion/editing.py). Arguments are trusted (checked by the callers);
+        non-finite latents are refused."""
         x_T = x_T.to(self.device)
         denoiser = self.denoiser(cond, uncond, guidance_scale, guidance_rescale, two_pass)
+        if known is not None:
+            denoiser = KnownRegion(denoiser, self.schedule, *(k.to(self.device) for k in known))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            latents = run_sampler(sampler, denoiser, x_T, self.schedule, num_inference_steps,
-                                  eta=eta, generator=_device_generator(generator, self.device),
+            latents = sample_from(sampler, denoiser, x_T, self.schedule, num_inference_steps,
+                                  start, resample, eta=eta,
+                                  generator=_device_generator(generator, self.device),
                                   callback=callback).float()
         return check_finite(latents, "latents")
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, S, S) in [-1, 1] -> scaled latents (the posterior's mean, so a
+        picture always encodes the same), on this pipeline's device."""
+        return self.vae.encode_latents(images.to(self.device)).float()
 
     @torch.no_grad()
     def generate_latents(self, prompts: Sequence[str], negative_prompt: str | None = None,
@@ -147,15 +162,8 @@ class TextToImagePipeline:
         `sampling_args.CHUNK` prompts run that many at a time (bounded memory); the
         callback then sees each chunk's steps in turn. Bad arguments -> a
         SamplingArgumentError (a UserError) naming the parameter."""
-        prompts = check_prompts(prompts)
-        check_count(len(prompts), "prompts")
-        if negative_prompt is not None:
-            check_prompt(negative_prompt, "negative_prompt")
-        check_sampler(sampler)
-        check_steps(num_inference_steps, self.schedule.timesteps, "num_inference_steps")
-        check_guidance(guidance_scale, "guidance_scale")
-        check_guidance_rescale(guidance_rescale)
-        check_eta(eta)
+        prompts = self._checked(prompts, negative_prompt, num_inference_steps, guidance_scale,
+                                sampler, guidance_rescale, eta)
         chunks = []
         for start in range(0, len(prompts), CHUNK):
             part = prompts[start:start + CHUNK]
@@ -165,6 +173,38 @@ class TextToImagePipeline:
                                        sampler, generator, callback, eta, guidance_rescale,
                                        two_pass, bf16))
         return torch.cat(chunks)
+
+    def _checked(self, prompts, negative_prompt, steps, guidance_scale, sampler,
+                 guidance_rescale, eta) -> list[str]:
+        """The prompts as a list, every sampling argument checked (Python's names)."""
+        prompts = check_prompts(prompts)
+        check_count(len(prompts), "prompts")
+        if negative_prompt is not None:
+            check_prompt(negative_prompt, "negative_prompt")
+        check_sampler(sampler)
+        check_steps(steps, self.schedule.timesteps, "num_inference_steps")
+        check_guidance(guidance_scale, "guidance_scale")
+        check_guidance_rescale(guidance_rescale)
+        check_eta(eta)
+        return prompts
+
+    @torch.no_grad()
+    def edit_images(self, prompts: Sequence[str], edit: EditInputs,
+                    negative_prompt: str | None = None,
+                    num_inference_steps: int = HEADLINE.steps,
+                    guidance_scale: float = HEADLINE.guidance, sampler: str = HEADLINE.sampler,
+                    generator: torch.Generator | None = None,
+                    callback: StepCallback | None = None, eta: float = 0.0,
+                    guidance_rescale: float = HEADLINE.guidance_rescale,
+                    bf16: bool = False) -> torch.Tensor:
+        """img2img / inpainting images in [-1, 1] for prompts and a checked `edit` (one row
+        per prompt; see editing.prepare_edit), through `denoise`."""
+        prompts = self._checked(prompts, negative_prompt, num_inference_steps, guidance_scale,
+                                sampler, guidance_rescale, eta)
+        latents, known, lmask = edit_latents(self, prompts, edit, negative_prompt,
+                                             num_inference_steps, guidance_scale, sampler,
+                                             generator, callback, eta, guidance_rescale, bf16)
+        return edited_images(self, latents, known, lmask)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -177,13 +217,25 @@ class TextToImagePipeline:
                  guidance_scale: float = HEADLINE.guidance, sampler: str = HEADLINE.sampler,
                  generator: torch.Generator | None = None,
                  callback: StepCallback | None = None, num_images_per_prompt: int = 1,
-                 eta: float = 0.0, guidance_rescale: float = HEADLINE.guidance_rescale
-                 ) -> list[Image.Image]:
+                 eta: float = 0.0, guidance_rescale: float = HEADLINE.guidance_rescale,
+                 image=None, mask=None, strength: float | None = None,
+                 resample_steps: int = 0, mask_feather: int = 1) -> list[Image.Image]:
         """PIL images, `num_images_per_prompt` per prompt; deterministic for a generator.
-        `callback(step_index, t, x_t, x0_hat)` sees every step (latents, scaled)."""
+        `callback(step_index, t, x_t, x0_hat)` sees every step (latents, scaled).
+
+        img2img: `image` (PIL image, path or bytes; or one per image) and `strength` in
+        0..1 (default 0.8): 0 gives the picture's VAE round trip, 1 text-to-image.
+        Inpainting: also `mask` (white = repaint; strength default 1), `mask_feather`
+        latent cells of soft edge, `resample_steps` RePaint passes (docs/editing.md)."""
         prompts = check_prompts(prompt)
         check_count(num_images_per_prompt, "num_images_per_prompt")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if image is not None or mask is not None or strength is not None:
+            edit = prepare_edit(image, mask, len(prompts), self.image_size, strength,
+                                resample_steps, mask_feather)
+            return to_pil(self.edit_images(prompts, edit, negative_prompt,
+                                           num_inference_steps, guidance_scale, sampler,
+                                           generator, callback, eta, guidance_rescale))
         images = []
         for start in range(0, len(prompts), CHUNK):  # decode as chunks finish
             latents = self.generate_latents(prompts[start:start + CHUNK], negative_prompt,
@@ -225,7 +277,7 @@ class TextToImagePipeline:
         schedule, prediction = schedule_from_dict(scheduler, str(directory / "scheduler.json"))
         text_encoder = text_encoder or _load_text_encoder(directory / "text_encoder.json")
         vae = AutoencoderKL.from_pretrained(directory / "vae", device)
-        unet = UNet.from_pretrained(directory / "unet", device)
+        unet = load_denoiser(directory / "unet", device)
         try:
             pipe = cls(vae, unet, text_encoder, schedule, prediction,
                        float(scheduler.get("x0_clamp", 0.0)), index.get("image_size"))

@@ -26,6 +26,16 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
+def key_mask_or_all(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The caption's key mask as bool, with a row that has no real token opened to all of
+    its tokens: an all-False row would make softmax 0/0 = NaN. Computed on the device, so
+    the forward never waits for the host."""
+    if mask is None:
+        return None
+    mask = mask.bool()
+    return mask | ~mask.any(dim=1, keepdim=True)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, shape (B,) -> (B, dim)."""
     half = dim // 2

@@ -10,15 +10,12 @@ so it runs without device syncs and under torch.compile / CUDA graphs.
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from ldmkit.config import UNetConfig, config_from_dict
-from ldmkit.errors import ConfigError, UserError
-from ldmkit.io import load_state_into, read_json, save_tensors_atomic, write_json_atomic
+from ldmkit.config import UNetConfig
+from ldmkit.errors import ConfigError
+from ldmkit.models.denoiser import FolderModel
 from ldmkit.models.layers import (
     Attention,
     Downsample,
@@ -26,12 +23,10 @@ from ldmkit.models.layers import (
     TokenBlock,
     Upsample,
     group_norm,
+    key_mask_or_all,
     masked_mean,
     timestep_embedding,
 )
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class AttentionBlock(nn.Module):
@@ -87,7 +82,7 @@ class Stage(nn.Module):
         return x if self.attn is None else self.attn(x, context, mask)
 
 
-class UNet(nn.Module):
+class UNet(FolderModel):
     """eps- or v-predicting U-Net: forward(x (B,C,h,w), t (B,), context (B,L,D),
     context_mask (B,L) bool, True = real token) -> (B,C,h,w)."""
 
@@ -151,12 +146,7 @@ class UNet(nn.Module):
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} is not divisible by {factor} "
                              f"({self.num_levels} U-Net levels)")
-        mask = None
-        if context_mask is not None:
-            mask = context_mask.bool()
-            # A row with no real token would make softmax 0/0 = NaN; let it see all tokens
-            # instead (computed on device: no host sync).
-            mask = mask | ~mask.any(dim=1, keepdim=True)
+        mask = key_mask_or_all(context_mask)
         temb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
         if self.text_blocks is not None:
             context = self.text_blocks(context, mask)
@@ -176,46 +166,6 @@ class UNet(nn.Module):
             else:
                 h = block(torch.cat([h, skips.pop()], dim=1), temb, context, mask)
         return self.conv_out(nn.functional.silu(self.norm_out(h)))
-
-    # ------------------------------------------------------------------ persistence
-
-    def config_dict(self) -> dict:
-        """Everything needed to rebuild the module: UNetConfig fields + the two dims."""
-        return {**dataclasses.asdict(self.cfg), "in_channels": self.in_channels,
-                "context_dim": self.context_dim}
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write `config.json` and `model.safetensors` (each atomically) into `directory`."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(directory / CONFIG_NAME, self.config_dict())
-        save_tensors_atomic(directory / WEIGHTS_NAME, self.state_dict())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> UNet:
-        """Rebuild from `save_pretrained` output; a missing, malformed or mismatched file
-        raises UserError naming it."""
-        directory = Path(directory)
-        path = directory / CONFIG_NAME
-        raw = read_json(path, "U-Net config")
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: expected a JSON object")
-        raw = dict(raw)
-        dims = {key: raw.pop(key, None) for key in ("in_channels", "context_dim")}
-        for key, value in dims.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"{path}: {key} = {value!r} must be a positive integer")
-        # folders written before these options existed
-        raw.setdefault("pooled_text", False)
-        raw.setdefault("text_layers", 0)
-        raw.setdefault("text_width", UNetConfig.text_width)
-        missing = [f.name for f in dataclasses.fields(UNetConfig) if f.name not in raw]
-        if missing:
-            raise UserError(f"{path}: missing U-Net keys {', '.join(missing)}")
-        cfg = config_from_dict({"unet": raw}, str(path)).unet
-        model = cls(cfg, dims["in_channels"], dims["context_dim"])
-        load_state_into(model, directory / WEIGHTS_NAME)
-        return model.to(device)
 
 
 def _check_heads(widths: list[int], num_heads: int) -> None:

@@ -56,7 +56,7 @@ def vae_loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian,
 
     Normalisation, so `kl_weight` means the same at every image size:
     - reconstruction = mean over every pixel element (B*C*H*W) of the squared error (or
-      absolute error for kind="l1");
+      `pixel_error`'s other kinds);
     - kl = per-image KL summed over latent elements, divided by the image's C*H*W, then
       averaged over the batch.
     Both are per-pixel quantities, so their ratio equals the ratio of per-image sums: the
@@ -64,10 +64,23 @@ def vae_loss(x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian,
     relative to per-pixel reconstruction is kl_weight = 1e-6.
     """
     x, recon = x.float(), recon.float()
-    err = (recon - x).abs() if kind == "l1" else (recon - x).pow(2)
-    rec = err.mean()
+    rec = pixel_error(x, recon, kind).mean()
     kl = (posterior.kl() / x[0].numel()).mean()
     return rec + kl_weight * kl, rec, kl
+
+
+CHARBONNIER_EPS = 1e-3  # sqrt(e^2 + eps^2): L1 away from 0, smooth (quadratic) near it
+
+
+def pixel_error(x: torch.Tensor, recon: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Per-element reconstruction error: "mse" squared, "l1" absolute, "charbonnier"
+    sqrt(e^2 + 1e-6) (L1 whose gradient does not flip sign abruptly at 0)."""
+    diff = recon - x
+    if kind == "l1":
+        return diff.abs()
+    if kind == "charbonnier":
+        return (diff.pow(2) + CHARBONNIER_EPS ** 2).sqrt()
+    return diff.pow(2)
 
 
 # ----------------------------------------------------------------------------- networks

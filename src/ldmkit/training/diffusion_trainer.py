@@ -32,8 +32,8 @@ import torch
 
 from ldmkit.config import Config
 from ldmkit.io import write_json_atomic
+from ldmkit.models.denoiser import FolderModel, build_denoiser
 from ldmkit.models.text import TextEncoder
-from ldmkit.models.unet import UNet
 from ldmkit.models.vae import AutoencoderKL
 from ldmkit.training.checkpoint import (
     previous_checkpoint,
@@ -69,7 +69,7 @@ class Snapshot:
     fraction: float  # of the budget, as asked for
     step: int
     elapsed_s: float
-    unet: UNet
+    unet: FolderModel
 
 
 @dataclass
@@ -109,7 +109,7 @@ def _train(cfg: Config, accelerator, vae_dir: Path, out_dir: Path, resume: bool,
     text = text or TextEncoder.from_config(cfg.text, device)
     dataset = dataset if dataset is not None else build_dataset(cfg.data, "train")
 
-    unet = UNet(cfg.unet, vae.config.latent_channels, text.hidden_size).to(device)
+    unet = build_denoiser(cfg.unet, vae.config.latent_channels, text.hidden_size).to(device)
     budget = Budget(cfg.train.steps, cfg.train.minutes,
                     elapsed=ckpt.extra.get("elapsed", 0.0) if ckpt else 0.0)
     trainer = DiffusionStep(unet, cfg, text.null(), accelerator,
