@@ -71,6 +71,26 @@ def check_eta(value: object, field: str = "eta") -> float:
     return float(value)
 
 
+def check_strength(value: object, field: str = "strength") -> float:
+    """img2img / inpainting strength: finite, in [0, 1] (0 = the picture back through the
+    VAE, 1 = from pure noise, as text-to-image)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise SamplingArgumentError(field, f"must be a finite number in 0..1, got {value!r:.40}")
+    return float(value)
+
+
+RESAMPLE_MAX = 20  # RePaint's own setting is 9 extra passes (U = 10); more only costs
+
+
+def check_resample(value: object, field: str = "resample_steps") -> int:
+    """RePaint's extra passes per inpainting step: an integer in 0..RESAMPLE_MAX."""
+    if not _is_int(value) or not 0 <= value <= RESAMPLE_MAX:
+        raise SamplingArgumentError(field, f"must be an integer in 0..{RESAMPLE_MAX}, "
+                                    f"got {value!r:.40}")
+    return int(value)
+
+
 def check_steps(value: object, timesteps: int, field: str = "steps") -> int:
     """Denoising steps within the schedule: 1..T."""
     if not _is_int(value) or not 1 <= value <= timesteps:
