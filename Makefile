@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo demo-emoji test bench gpu-check install clean serve
+.PHONY: demo demo-emoji test bench gpu-check install clean serve docs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: install
 # sampling, the demo; writes benchmarks/results/gpu_check.json (BENCHMARKS.md, "GPU check").
 gpu-check:
 	benchmarks/gpu_check.sh
+
+# docs/config-reference.md from the config dataclasses (a test fails when it is stale).
+docs:
+	$(if $(wildcard $(PY)),$(PY),python3) scripts/gen_config_reference.py
 
 clean:
 	rm -rf runs .pytest_cache
