@@ -236,7 +236,8 @@ def evaluate(pipe, snapshots: list, out: Path, tiny: bool = False):
     write_json_atomic(out / "evaluation.json", result.to_json())
 
     single = [r for r in result.fidelity if r.prompt_set == "single" and r.at_headline_guidance]
-    plot_fidelity_vs_steps(single, out / "fidelity_vs_steps.png", list(SAMPLERS), timesteps,
+    distinct = [name for name, info in SAMPLERS.items() if not info.same_as]
+    plot_fidelity_vs_steps(single, out / "fidelity_vs_steps.png", distinct, timesteps,
                            reference_sampler(), f"fidelity vs steps (w = {HEADLINE.guidance:g})")
     plot_fidelity_vs_guidance(sweeps, out / "cfg_fidelity.png",
                               f"what guidance buys ({SAMPLERS[HEADLINE.sampler].title}, "

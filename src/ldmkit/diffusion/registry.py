@@ -22,6 +22,8 @@ class SamplerInfo:
     # which the few-step samplers are compared against
     reference: bool = False
     default: bool = False  # the sampler used unless one is asked for (HEADLINE)
+    # another sampler this one equals update for update (reports and evaluations skip it)
+    same_as: str = ""
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
@@ -31,7 +33,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
                         stochastic=False),
     "euler": SamplerInfo("sample_euler", "Euler (flow ODE)",
                          "Euler's method on dx/dt = v (rectified flow; = DDIM, eta 0)",
-                         stochastic=False),
+                         stochastic=False, same_as="ddim"),
     "dpmpp-2m": SamplerInfo("sample_dpmpp_2m", "DPM-Solver++ 2M", "Lu et al. 2022, Algorithm 2",
                             stochastic=False, default=True),
 }

@@ -143,10 +143,11 @@ def guidance_entries(n: int, n_other: int | None = None) -> list[Entry]:
 
 def sampler_entries(n: int, timesteps: int, prompt_set: str = "single") -> list[Entry]:
     """Each sampler at 10, 20, 50 steps, and the reference sampler at the full T (the
-    seed's sampler), at the headline guidance."""
+    seed's sampler), at the headline guidance. A sampler that is another one under a
+    second name (Euler = deterministic DDIM) is not run twice."""
     w = HEADLINE.guidance
-    rows = [Entry(prompt_set, s, k, w, n) for s in SAMPLERS for k in SAMPLER_STEPS
-            if k <= timesteps]
+    rows = [Entry(prompt_set, s, k, w, n) for s, info in SAMPLERS.items()
+            for k in SAMPLER_STEPS if k <= timesteps and not info.same_as]
     return rows + [Entry(prompt_set, reference_sampler(), timesteps, w, n)]
 
 
