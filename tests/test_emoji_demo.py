@@ -49,6 +49,16 @@ def test_tiny_emoji_demo_evaluation_json_has_the_promised_keys(demo_dir):
     assert {"judge_on_heldout_real", "judge_on_heldout_vae_roundtrip"} <= set(result)
 
 
+def test_tiny_emoji_demo_reads_the_vae_and_three_noise_seeds(demo_dir):
+    result = json.loads((demo_dir / "evaluation.json").read_text())
+    assert result["vae_color_error"] > 0 and 0 <= result["vae_ssim"] <= 1
+    assert result["vae_roundtrip_identity_top1"] == \
+        result["judge_on_heldout_vae_roundtrip"]["identity_top1"]
+    by_seed = result["identity_top1_by_noise_seed"]
+    assert len(by_seed) == 3 and all(0 <= v <= 1 for v in by_seed)
+    assert by_seed[0] == result["identity_top1"]  # the first seed is the headline's
+
+
 def test_every_held_out_emoji_is_judged_on_several_images_of_its_own_noise(demo_dir):
     from ldmkit.evaluation.emoji_fidelity import HELDOUT_IMAGES
 

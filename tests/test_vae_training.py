@@ -10,6 +10,8 @@ import torch
 from ldmkit.cli import main
 from ldmkit.config import load_config
 from ldmkit.errors import UserError
+from ldmkit.io import load_tensors
+from ldmkit.training.checkpoint import load_checkpoint
 from ldmkit.training.common import (
     Budget,
     MetricsLogger,
@@ -93,6 +95,45 @@ def test_resume_continues_at_the_right_step_with_the_same_losses(tmp_path):
         assert [a[k] for k in keys] == [b[k] for k in keys]
     final = "checkpoints/step-00000004/vae.safetensors"
     assert (full / final).read_bytes() == (cut / final).read_bytes()
+
+
+def test_discriminator_ema_and_both_optimisers_resume_bit_identically(tmp_path):
+    cfg = tiny_config("vae.steps=4", "train.checkpoint_every=2", "train.mixed_precision=\"no\"",
+                      "vae.gan_weight=0.5", "vae.gan_start=1", "vae.disc_channels=8",
+                      "vae.ema_decay=0.9", "vae.ssim_weight=0.5", "vae.ffl_weight=1",
+                      "vae.blur_weight=1", 'vae.recon_loss="charbonnier"')
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train_vae(cfg, full)
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000004")
+    (cut / "checkpoints" / "latest").write_text("step-00000002\n")
+    train_vae(cfg, cut, resume=True)
+
+    step = "checkpoints/step-00000004"
+    for module in ("vae", "ema", "disc"):  # disc: BatchNorm running statistics too
+        assert (full / step / f"{module}.safetensors").read_bytes() == \
+            (cut / step / f"{module}.safetensors").read_bytes(), module
+    a, b = load_checkpoint(full / step), load_checkpoint(cut / step)
+    saved = a.states["disc_optimizer"]["state"]
+    assert saved and saved.keys() == b.states["disc_optimizer"]["state"].keys()
+    for k, state in saved.items():
+        for name, value in state.items():
+            assert torch.equal(value, b.states["disc_optimizer"]["state"][k][name]), name
+    # the saved model is the EMA copy
+    assert (full / "model" / "model.safetensors").exists()
+    ema = a.modules["ema"]
+    model = load_tensors(full / "model" / "model.safetensors")
+    assert all(torch.equal(model[k], ema[k]) for k in model)
+    rows = read_metrics(full / "metrics.jsonl")
+    assert "d_loss" not in rows[0] and {"d_loss", "g_loss", "d_weight"} <= set(rows[1])
+
+
+def test_resuming_a_gan_run_without_its_discriminator_state_is_refused(tmp_path):
+    cfg = tiny_config("vae.steps=2", "train.mixed_precision=\"no\"")
+    train_vae(cfg, tmp_path / "run")
+    gan = tiny_config("vae.steps=4", "vae.gan_weight=0.5", "vae.disc_channels=8")
+    with pytest.raises(UserError, match="disc"):
+        train_vae(gan, tmp_path / "run", resume=True)
 
 
 def test_the_loop_reads_its_losses_back_only_on_logged_steps(tmp_path, monkeypatch):

@@ -228,8 +228,9 @@ def _resized(image: torch.Tensor, size: int) -> torch.Tensor:
 
 def evaluate(pipe, judge, classes, train_set, heldout, out: Path,
              n_identity: int = N_IDENTITY, judge_path: str | None = None):
-    """vae_psnr on the held-out emoji, the guidance sweep, the judge on VAE round trips;
-    evaluation.json, the CFG sweep grid and the judged examples."""
+    """vae_psnr / vae_color_error on the held-out emoji, the guidance sweep, the headline
+    identity from three noise seeds, the judge on VAE round trips; evaluation.json, the CFG
+    sweep grid and the judged examples."""
     from ldmkit.evaluation.emoji_fidelity import EmojiEvaluation, EmojiEvaluator, prompt_sets
     from ldmkit.evaluation.emoji_judge import accuracy, frechet_distance, read
     from ldmkit.evaluation.vae_metrics import evaluate_vae
@@ -239,23 +240,29 @@ def evaluate(pipe, judge, classes, train_set, heldout, out: Path,
     sets = prompt_sets(classes, train_set.rows, heldout.rows, images, n_identity)
     evaluator = EmojiEvaluator(judge, sets)
     rows, kept = evaluator.evaluate(pipe, keep=16)
+    by_seed = evaluator.identity_by_noise_seed(pipe, rows)
     vae = pipe.vae
-    held_psnr = evaluate_vae(vae, heldout)["psnr"]
+    held_vae = evaluate_vae(vae, heldout)
     roundtrip = _roundtrip(vae, heldout.images, pipe.image_size)
     labels = classes.labels([r["base"] for r in heldout.rows])
     by_vendor = {v: [i for i, r in enumerate(train_set.rows)
                      if r["vendor"] == v and r["unified"] == r["base"]]
                  for v in ("google", "twitter")}
+    read_back = accuracy(judge, roundtrip, labels)
     extra = {
+        "vae_color_error": round(held_vae["color_error"], 3),  # mean CIEDE2000
+        "vae_ssim": round(held_vae["ssim"], 4),
+        "vae_roundtrip_identity_top1": read_back["identity_top1"],
+        "identity_top1_by_noise_seed": by_seed,
         "judge_on_heldout_real": accuracy(judge, heldout.images, labels),
-        "judge_on_heldout_vae_roundtrip": accuracy(judge, roundtrip, labels),
+        "judge_on_heldout_vae_roundtrip": read_back,
         "n_heldout_images": len(heldout),
     }
     if all(by_vendor.values()):  # scale for fd_judge: one real vendor against the other
         feats = {v: read(judge, train_set.images[idx]).features for v, idx in by_vendor.items()}
         extra["fd_judge_google_vs_twitter_real"] = frechet_distance(feats["google"],
                                                                     feats["twitter"])
-    result = EmojiEvaluation(round(held_psnr, 2), rows, _judge_meta(judge_path), extra)
+    result = EmojiEvaluation(round(held_vae["psnr"], 2), rows, _judge_meta(judge_path), extra)
     write_json_atomic(out / "evaluation.json", result.to_json())
 
     _cfg_sweep(pipe, rows, sets.identity[:8], out / "cfg_sweep.png")

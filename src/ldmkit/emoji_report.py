@@ -56,9 +56,9 @@ def _intro(cfg: Config, command: str, counts: dict, evaluation: EmojiEvaluation)
 Made by `{command}` (`make demo-emoji`): {train['images']} real emoji images of
 {train['emoji']} emoji (Noto Emoji and Twemoji, every skin tone) captioned with their
 names, {held['emoji']} more emoji ({held['images']} images) held out;
-{size}x{size} images, a KL-VAE to {side}x{side}x{cfg.vae.latent_channels} latents, the text encoder
-`{cfg.text.encoder}`, a {cfg.diffusion.objective}-objective {cfg.unet.kind} denoiser with classifier-free
-guidance (p_uncond {cfg.diffusion.p_uncond}), T = {cfg.diffusion.timesteps}.
+{size}x{size} images, a KL-VAE to {side}x{side}x{cfg.vae.latent_channels} latents, the text
+encoder `{cfg.text.encoder}`, a {cfg.diffusion.objective}-objective {cfg.unet.kind} denoiser
+with classifier-free guidance (p_uncond {cfg.diffusion.p_uncond}), T = {cfg.diffusion.timesteps}.
 
 ## Headline ({headline_setting()})
 
@@ -69,6 +69,7 @@ guidance (p_uncond {cfg.diffusion.p_uncond}), T = {cfg.diffusion.timesteps}.
 | held-out category (never-trained names, n = {head.n_heldout}) | \
 **{_pct(head.heldout_category)}** |
 | held-out subcategory | {_pct(head.heldout_subcategory)} |
+| identity top-1 from three noise seeds | {_seeds(evaluation)} |
 | fd_judge (lower = closer to real) | {head.fd_judge:.1f} |
 | VAE PSNR on the held-out emoji | {evaluation.vae_psnr:.2f} dB |
 
@@ -135,12 +136,27 @@ def _judge(evaluation: EmojiEvaluation) -> str:
     return "\n".join(lines)
 
 
+def _seeds(evaluation: EmojiEvaluation) -> str:
+    found = evaluation.extra.get("identity_top1_by_noise_seed") or []
+    return " / ".join(_pct(v) for v in found) or "—"
+
+
+def _vae_colour(evaluation: EmojiEvaluation) -> str:
+    """SSIM, colour error and the judge on the round trips, where the run measured them."""
+    extra = evaluation.extra
+    if "vae_color_error" not in extra:
+        return ""
+    return (f", SSIM {extra['vae_ssim']:.4f}, colour error (mean CIEDE2000) "
+            f"**{extra['vae_color_error']:.2f}**, the judge reads "
+            f"{_pct(extra['vae_roundtrip_identity_top1'])} of the round trips right")
+
+
 def _stage1(vae: VAERun, evaluation: EmojiEvaluation) -> str:
     return f"""## Stage 1: VAE
 
 {vae.steps} steps ({vae.train_seconds / 60:.1f} min): PSNR **{evaluation.vae_psnr:.2f} dB**
-on the held-out emoji; {vae.psnr:.2f} dB, SSIM {vae.ssim:.4f} on the folder's own
-validation images; latent scale factor {vae.scale_factor:.4f}.
+on the held-out emoji{_vae_colour(evaluation)}; {vae.psnr:.2f} dB, SSIM {vae.ssim:.4f} on the
+folder's own validation images; latent scale factor {vae.scale_factor:.4f}.
 
 ![reconstruction loss](vae/recon.png)
 

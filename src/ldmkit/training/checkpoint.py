@@ -4,6 +4,7 @@ Layout of a checkpoints folder:
 
     step-00000500/<module>.safetensors   weights, one file per named module (e.g. unet, ema)
     step-00000500/state.safetensors      every tensor of the optimizer / scheduler / scaler / RNG
+                                         (and of `states`: e.g. a discriminator's optimizer)
     step-00000500/state.json             the rest of that state, plus step and `extra`
                                          (under N processes also `rng_ranks`: every
                                          process's RNG, gathered to the one that writes)
@@ -51,6 +52,7 @@ class Checkpoint:
     rng: dict | None = None
     extra: dict = field(default_factory=dict)
     rng_ranks: list[dict] | None = None  # one per process, when several wrote it
+    states: dict[str, dict] = field(default_factory=dict)  # more state dicts, by name
 
 
 # ----------------------------------------------------------------------------- writing
@@ -59,10 +61,13 @@ class Checkpoint:
 def save_checkpoint(directory: str | Path, step: int, modules: dict[str, nn.Module],
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     extra: dict | None = None, scaler: Any = None, keep: int = 2,
-                    rng_ranks: list[dict] | None = None) -> Path:
+                    rng_ranks: list[dict] | None = None,
+                    states: dict[str, Any] | None = None) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`.
     `modules` are unwrapped modules (not DDP wrappers); call on the main process only,
-    with `rng_ranks` = `rng_states_of_every_rank(accelerator)` under several processes."""
+    with `rng_ranks` = `rng_states_of_every_rank(accelerator)` under several processes.
+    `states` names further objects with a state_dict (a second optimizer: the VAE's
+    discriminator has its own)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
@@ -70,7 +75,7 @@ def save_checkpoint(directory: str | Path, step: int, modules: dict[str, nn.Modu
     trash = None
     try:
         _write_contents(tmp, step, modules, optimizer, scheduler, scaler, extra or {},
-                        rng_ranks)
+                        rng_ranks, states or {})
         final = directory / name
         if final.exists():  # re-saving a step: move the old copy aside, drop it after
             trash = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=directory))
@@ -87,7 +92,7 @@ def save_checkpoint(directory: str | Path, step: int, modules: dict[str, nn.Modu
 
 def _write_contents(folder: Path, step: int, modules: dict[str, nn.Module], optimizer: Any,
                     scheduler: Any, scaler: Any, extra: dict,
-                    rng_ranks: list[dict] | None) -> None:
+                    rng_ranks: list[dict] | None, states: dict[str, Any]) -> None:
     for module_name, module in modules.items():
         save_tensors_atomic(folder / f"{module_name}.safetensors", module.state_dict())
     tensors: dict[str, torch.Tensor] = {}
@@ -100,6 +105,8 @@ def _write_contents(folder: Path, step: int, modules: dict[str, nn.Module], opti
         "scaler": _encode(scaler.state_dict(), tensors, "scaler") if scaler else None,
         "rng": _encode(rng_state(), tensors, "rng"),
         "extra": extra,
+        "states": {name: _encode(obj.state_dict(), tensors, f"states.{name}")
+                   for name, obj in states.items()},
     }
     if rng_ranks:
         state["rng_ranks"] = _encode(rng_ranks, tensors, "rng_ranks")
@@ -162,7 +169,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             scaler=_decode(state["scaler"], tensors),
             rng=_decode(state["rng"], tensors),
             extra=state.get("extra") or {},
-            rng_ranks=_decode(state.get("rng_ranks"), tensors))
+            rng_ranks=_decode(state.get("rng_ranks"), tensors),
+            states={name: _decode(saved, tensors)
+                    for name, saved in (state.get("states") or {}).items()})
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{path}: checkpoint state is incomplete or corrupted ({exc!r})") from None
 
@@ -170,8 +179,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 def restore_checkpoint(ckpt: Checkpoint, modules: dict[str, nn.Module],
                        optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                        scaler: Any = None, restore_rng: bool = True, rank: int = 0,
-                       world_size: int = 1) -> int:
+                       world_size: int = 1, states: dict[str, Any] | None = None) -> int:
     """Load a checkpoint's state into live objects; returns the step to continue from.
+    `states` are the objects `save_checkpoint` was given under that name.
     Process `rank` of `world_size` gets back its own RNG state; a checkpoint written by
     another number of processes is refused (its random streams cannot be continued)."""
     missing = sorted(set(modules) - set(ckpt.modules))
@@ -183,9 +193,14 @@ def restore_checkpoint(ckpt: Checkpoint, modules: dict[str, nn.Module],
         except RuntimeError as exc:
             raise UserError(f"{ckpt.path / (name + '.safetensors')}: weights do not match "
                             f"the model config ({exc})") from None
-    for what, obj, saved in (("optimizer", optimizer, ckpt.optimizer),
+    absent = sorted(set(states or {}) - set(ckpt.states))
+    if absent:
+        raise UserError(f"{ckpt.path}: checkpoint has no saved state for {absent} (written "
+                        f"by a run with other settings?)")
+    named = [(name, obj, ckpt.states[name]) for name, obj in (states or {}).items()]
+    for what, obj, saved in [("optimizer", optimizer, ckpt.optimizer),
                              ("scheduler", scheduler, ckpt.scheduler),
-                             ("scaler", scaler, ckpt.scaler)):
+                             ("scaler", scaler, ckpt.scaler), *named]:
         if obj is not None and saved is not None:
             try:
                 obj.load_state_dict(saved)

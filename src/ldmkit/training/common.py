@@ -58,13 +58,15 @@ def _launched_without_gpus() -> bool:
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float,
-                   weight_decay: float = 0.0) -> torch.optim.AdamW:
+                   weight_decay: float = 0.0,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW, fused into one kernel where this torch supports it, else the foreach path."""
     params = [p for p in params if p.requires_grad]
+    kwargs = {"lr": lr, "weight_decay": weight_decay, "betas": betas}
     try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, ValueError, TypeError):  # device or dtype without a fused kernel
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
 def warmup_cosine(step: int, warmup_steps: int, progress: float) -> float:

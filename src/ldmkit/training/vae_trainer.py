@@ -2,19 +2,23 @@
 
 A straight line from config to loop (on Hugging Face Accelerate, so `accelerate launch`
 spreads it over processes). Settings come from two config sections: [vae] holds what is
-particular to this stage (architecture, kl_weight, steps, batch_size, lr, warmup_steps,
-minutes), [train] what every trainer shares (mixed_precision, grad_clip, weight_decay,
-log_every, checkpoint_every, seed).
+particular to this stage (architecture, the loss terms, discriminator, EMA, Adam betas,
+steps, batch_size, lr, warmup_steps, minutes; one update is training/vae_step.py), [train]
+what every trainer shares (mixed_precision, grad_clip, weight_decay, log_every,
+checkpoint_every, seed).
 
 A run directory ends up holding:
     config.json          the resolved config the run started with
     metrics.jsonl        step, losses, lr, images/s
     recon.png, kl.png    loss curves
+    losses.png           the extra loss terms, when any is on (SSIM, FFL, blur, GAN)
     reconstructions.png  held-out originals (upper rows) above their reconstructions
     samples.png          decoded random latents
-    summary.json         held-out PSNR / SSIM, scale factor, time, skipped data items
-    checkpoints/         resumable state (see training/checkpoint.py)
-    model/               the trained VAE: config.json (with scale_factor) + model.safetensors
+    summary.json         held-out PSNR / SSIM / colour error, scale factor, time, skipped
+    checkpoints/         resumable state (see training/checkpoint.py): VAE, EMA, discriminator
+                         and both optimisers
+    model/               the trained VAE (the EMA weights when vae.ema_decay is set):
+                         config.json (with scale_factor) + model.safetensors
     .lock                held while a run writes here (a second run is refused)
 
 Under several processes each reads its own slice of the data stream and draws its own
@@ -32,7 +36,7 @@ import torch
 
 from ldmkit.config import Config
 from ldmkit.io import write_json_atomic
-from ldmkit.models.vae import AutoencoderKL, vae_loss
+from ldmkit.models.vae import AutoencoderKL
 from ldmkit.training.checkpoint import (
     previous_checkpoint,
     restore_checkpoint,
@@ -47,10 +51,9 @@ from ldmkit.training.common import (
     Throughput,
     infinite_loader,
     make_accelerator,
-    make_lr_schedule,
-    make_optimizer,
 )
 from ldmkit.training.distributed import is_main_process, run_folder_lock, split_random_streams
+from ldmkit.training.vae_step import VAEStep
 
 GRID_IMAGES = 8  # held-out images shown in the reconstruction grid
 SCALE_SAMPLE = 512  # training images encoded to estimate the latent std
@@ -66,6 +69,7 @@ class VAERun:
     psnr: float  # held-out, dB
     ssim: float
     scale_factor: float
+    color_error: float  # held-out mean CIEDE2000
     skipped_items: int
 
 
@@ -94,28 +98,27 @@ def _train(cfg: Config, accelerator, out_dir: Path, resume: bool, dataset) -> VA
     val_set = build_dataset(cfg.data, "val")
 
     vae = AutoencoderKL(cfg.vae, image_size=cfg.data.image_size)
-    optimizer = make_optimizer(vae.parameters(), cfg.vae.lr, cfg.train.weight_decay)
     budget = Budget(cfg.vae.steps, cfg.vae.minutes,
                     elapsed=ckpt.extra.get("elapsed", 0.0) if ckpt else 0.0)
-    scheduler = make_lr_schedule(optimizer, cfg.vae.warmup_steps, cfg.vae.steps,
-                                 progress=budget.progress if cfg.vae.minutes else None)
+    update = VAEStep(vae, cfg, progress=budget.progress if cfg.vae.minutes else None)
     split_random_streams(cfg.train.seed, accelerator.process_index)  # after the shared init
-    step = restore_checkpoint(ckpt, {"vae": vae}, optimizer, scheduler,
+    step = restore_checkpoint(ckpt, update.modules(), update.optimizer, update.scheduler,
                               scaler=accelerator.scaler, rank=accelerator.process_index,
-                              world_size=accelerator.num_processes) if ckpt else 0
+                              world_size=accelerator.num_processes,
+                              states=update.states()) if ckpt else 0
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_json(out_dir / "config.json")
         if ckpt:
             print(f"resuming {out_dir} from step {step}")
-    model, optimizer = accelerator.prepare(vae, optimizer)
+    update.prepare(accelerator)
 
-    step = _train_loop(cfg, accelerator, model, vae, optimizer, scheduler, budget, train_set,
-                       out_dir, step)
+    step = _train_loop(cfg, accelerator, update, budget, train_set, out_dir, step)
     train_seconds = budget.elapsed
     accelerator.wait_for_everyone()
     # prepare() wrapped forward in autocast; measure and save the plain float32 model
-    vae = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    vae = update.ema if update.ema is not None else \
+        accelerator.unwrap_model(update.model, keep_fp32_wrapper=False)
     result = _finish(cfg, vae.eval(), train_set, val_set, out_dir, accelerator.device, step,
                      train_seconds, write=accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -125,8 +128,8 @@ def _train(cfg: Config, accelerator, out_dir: Path, resume: bool, dataset) -> VA
 # ----------------------------------------------------------------------------- the loop
 
 
-def _train_loop(cfg: Config, accelerator, model, vae: AutoencoderKL, optimizer, scheduler,
-                budget: Budget, train_set, out_dir: Path, step: int) -> int:
+def _train_loop(cfg: Config, accelerator, update: VAEStep, budget: Budget, train_set,
+                out_dir: Path, step: int) -> int:
     main = accelerator.is_main_process
     batches = infinite_loader(train_set, cfg.vae.batch_size, seed=cfg.train.seed,
                               start_step=step, num_workers=cfg.data.num_workers,
@@ -139,16 +142,9 @@ def _train_loop(cfg: Config, accelerator, model, vae: AutoencoderKL, optimizer, 
     saved_at = step
     while not budget.done(step):
         images = next(batches)[0].to(accelerator.device, non_blocking=True)
-        with accelerator.autocast():
-            recon, posterior = model(images)
-        loss, rec, kl = vae_loss(images, recon, posterior, cfg.vae.kl_weight, cfg.vae.recon_loss)
-        accelerator.backward(loss)
-        if cfg.train.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
+        losses = update(images, step)
         budget.sync(accelerator)  # before the time-driven LR and the stop test
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        update.scheduler.step()
         step += 1
 
         ips = speed.update(images_per_step)
@@ -156,29 +152,30 @@ def _train_loop(cfg: Config, accelerator, model, vae: AutoencoderKL, optimizer, 
         if step % cfg.train.log_every == 0 or step == 1:
             # reading a loss waits for the device: only when it is shown and logged, in one
             # copy, so a GPU is not drained every step (as in the U-Net's loop)
-            values = dict(zip(("loss", "recon", "kl"),
-                              torch.stack([loss, rec, kl]).detach().float().tolist()))
+            values = dict(zip(losses, torch.stack(list(losses.values())).float().tolist()))
             shown = running.update(**values)
             bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()} | {"img/s": f"{ips:.1f}"})
             if main:
-                logger.log(step, **values, lr=scheduler.get_last_lr()[0], images_per_s=ips,
+                logger.log(step, **values, lr=update.scheduler.get_last_lr()[0],
+                           images_per_s=ips,
                            elapsed_s=budget.elapsed)
         if step % cfg.train.checkpoint_every == 0:
-            _checkpoint(accelerator, out_dir, step, vae, optimizer, scheduler, budget)
+            _checkpoint(accelerator, out_dir, step, update, budget)
             saved_at = step
     bar.close()
     if saved_at != step:  # the final state, whether steps or minutes ran out
-        _checkpoint(accelerator, out_dir, step, vae, optimizer, scheduler, budget)
+        _checkpoint(accelerator, out_dir, step, update, budget)
     return step
 
 
-def _checkpoint(accelerator, out_dir: Path, step: int, vae: AutoencoderKL, optimizer,
-                scheduler, budget: Budget) -> None:
+def _checkpoint(accelerator, out_dir: Path, step: int, update: VAEStep,
+                budget: Budget) -> None:
     rng_ranks = rng_states_of_every_rank(accelerator)  # every process takes part
     if accelerator.is_main_process:
-        save_checkpoint(out_dir / "checkpoints", step, {"vae": vae}, optimizer, scheduler,
-                        extra={"elapsed": budget.elapsed}, scaler=accelerator.scaler,
-                        rng_ranks=rng_ranks)
+        save_checkpoint(out_dir / "checkpoints", step, update.modules(), update.optimizer,
+                        update.scheduler, extra={"elapsed": budget.elapsed},
+                        scaler=accelerator.scaler, rng_ranks=rng_ranks,
+                        states=update.states())
     accelerator.wait_for_everyone()
 
 
@@ -210,13 +207,14 @@ def _finish(cfg: Config, vae: AutoencoderKL, train_set, val_set, out_dir: Path, 
     quality = evaluate_vae(vae, val_set, n=len(val_set))
     skipped = int(getattr(train_set, "skipped", 0)) + int(getattr(val_set, "skipped", 0))
     result = VAERun(out_dir / "model", step, round(train_seconds, 1), quality["psnr"],
-                    quality["ssim"], scale, skipped)
+                    quality["ssim"], scale, quality["color_error"], skipped)
     if write:
         vae.save_pretrained(result.model_dir, image_size=cfg.data.image_size)
         _figures(cfg, vae, val_set, out_dir, device)
         write_json_atomic(out_dir / "summary.json", {**quality, **_summary(result)})
         print(f"step {step}: held-out PSNR {quality['psnr']:.2f} dB, SSIM "
-              f"{quality['ssim']:.4f} ({quality['n']} images); latent scale factor "
+              f"{quality['ssim']:.4f}, colour error (CIEDE2000) {quality['color_error']:.2f} "
+              f"({quality['n']} images); latent scale factor "
               f"{scale:.4f}; training {train_seconds / 60:.2f} min; skipped bad data items: "
               f"{skipped}")
     return result
@@ -230,12 +228,16 @@ def _summary(run: VAERun) -> dict:
 @torch.no_grad()
 def _figures(cfg: Config, vae: AutoencoderKL, val_set, out_dir: Path, device) -> None:
     """Loss curves, held-out reconstructions and decoded random latents."""
-    from ldmkit.viz import plot_metrics, save_image_grid
+    from ldmkit.viz import plot_metrics, read_metrics, save_image_grid
 
     metrics = out_dir / "metrics.jsonl"
     plot_metrics(metrics, ["recon"], out_dir / "recon.png",
                  f"reconstruction loss ({cfg.vae.recon_loss})")
     plot_metrics(metrics, ["kl"], out_dir / "kl.png", "KL per image element")
+    logged = set().union(*(row.keys() for row in read_metrics(metrics)))
+    extra = [k for k in ("ssim", "ffl", "blur", "g_loss", "d_loss", "d_weight") if k in logged]
+    if extra:  # the terms that were on (the GAN's only once it started)
+        plot_metrics(metrics, extra, out_dir / "losses.png", "extra loss terms")
     originals = torch.stack([val_set[i][0] for i in range(min(GRID_IMAGES, len(val_set)))])
     recon = vae(originals.to(device), sample_posterior=False)[0].cpu()
     save_image_grid(torch.cat([originals, recon]), out_dir / "reconstructions.png",
