@@ -1,7 +1,8 @@
 """An empty prompt is how a user asks for an unconditional sample: "", whitespace and
 control/format characters encode as the null prompt, on every surface (the encoder, the
-pipeline, `ldmkit sample`, each server route), and give the image the null conditioning
-gives. (A per-caption padding change once made them an IndexError everywhere.)"""
+pipeline, `ldmkit sample`, each server route: ours, OpenAI's, A1111's), and give the
+image the null conditioning gives. (A per-caption padding change once made them an
+IndexError everywhere.)"""
 
 from __future__ import annotations
 
@@ -79,16 +80,20 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def unconditional(pipe) -> list[bytes]:
-    """Two images from the null conditioning itself, PNG-encoded as every surface does."""
-    null = pipe.text_encoder.null()
-    generator = torch.Generator().manual_seed(SEED)
-    latents = pipe.denoise(pipe.initial_noise(2, generator), null.expand(2), null, STEPS,
-                           5.0, "dpmpp-2m", generator)
+def null_images(pipe, n: int, seed: int) -> list[bytes]:
+    """`n` images from the null conditioning itself, PNG-encoded as every surface does."""
     from ldmkit.viz import to_pil
 
+    null = pipe.text_encoder.null()
+    generator = torch.Generator().manual_seed(seed)
+    latents = pipe.denoise(pipe.initial_noise(n, generator), null.expand(n), null, STEPS,
+                           5.0, "dpmpp-2m", generator)
     return [_png(image) for image in to_pil(pipe.decode(latents))]
+
+
+@pytest.fixture(scope="module")
+def unconditional(pipe) -> list[bytes]:
+    return null_images(pipe, 2, SEED)
 
 
 @pytest.mark.parametrize("prompt", BLANKS, ids=IDS)
@@ -112,7 +117,7 @@ def test_ldmkit_sample_writes_the_unconditional_images(model_dir, unconditional,
 
 @pytest.fixture(scope="module")
 def client(pipe):
-    with TestClient(create_app(pipe)) as client:
+    with TestClient(create_app(pipe, max_batch=1)) as client:  # A1111's two run alone
         yield client
 
 
@@ -135,6 +140,35 @@ def test_v1_images_stream_ends_with_the_unconditional_images(client, uncondition
 
     done = json.loads(lines[-1][len("data: "):])
     assert [base64.b64decode(b) for b in done["images"]] == unconditional
+
+
+@pytest.mark.parametrize("prompt", BLANKS, ids=IDS)
+def test_openai_generations_answer_the_unconditional_images(client, unconditional, prompt):
+    fields = {**_fields(prompt), "guidance_scale": 5.0, "guidance": None}
+    reply = client.post("/v1/images/generations", json=fields)
+    assert reply.status_code == 200, reply.text
+    assert [base64.b64decode(d["b64_json"]) for d in reply.json()["data"]] == unconditional
+
+
+def test_an_openai_stream_completes_with_the_unconditional_images(client, unconditional):
+    with client.stream("POST", "/v1/images/generations",
+                       json={**_fields("\t"), "stream": True, "partial_images": 1}) as reply:
+        lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    import json
+
+    completed = [json.loads(line[len("data: "):]) for line in lines][-2:]
+    assert [base64.b64decode(c["b64_json"]) for c in completed] == unconditional
+
+
+@pytest.mark.parametrize("prompt", BLANKS, ids=IDS)
+def test_a1111_txt2img_answers_the_unconditional_images(client, pipe, prompt):
+    """A1111 gives image i seed + i: each is the null sample at its own seed."""
+    reply = client.post("/sdapi/v1/txt2img", json={
+        "prompt": prompt, "negative_prompt": "", "batch_size": 2, "steps": STEPS,
+        "cfg_scale": 5.0, "sampler_name": "DPM++ 2M", "seed": SEED})
+    assert reply.status_code == 200, reply.text
+    expected = null_images(pipe, 1, SEED) + null_images(pipe, 1, SEED + 1)
+    assert [base64.b64decode(b) for b in reply.json()["images"]] == expected
 
 
 def test_pixels_differ_from_a_real_prompt(client, unconditional):

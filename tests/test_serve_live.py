@@ -218,3 +218,38 @@ def test_the_page_generates_an_image_in_a_real_browser(server, tmp_path):
             driver.save_screenshot(os.environ["LDMKIT_SCREENSHOT"])
     finally:
         driver.quit()
+
+
+def test_the_page_asks_for_the_key_once_when_the_server_has_one(model_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from _serve_process import serve_process
+
+    driver = _browser(tmp_path)
+    try:
+        with serve_process(model_dir, tmp_path / "serve.log", "--api-key", "page-key") as port:
+            wait = WebDriverWait(driver, 60)
+            driver.get(f"http://127.0.0.1:{port}/")
+            box = driver.find_element(By.ID, "key-box")
+            wait.until(lambda d: box.is_displayed())
+            assert "needs an API key" in driver.find_element(By.ID, "status").text
+            driver.find_element(By.ID, "api-key").send_keys("wrong")
+            driver.find_element(By.ID, "use-key").click()
+            wait.until(lambda d: "refused that API key" in d.find_element(By.ID, "status").text)
+            field = driver.find_element(By.ID, "api-key")
+            field.clear()
+            field.send_keys("page-key")
+            driver.find_element(By.ID, "use-key").click()
+            wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 0)
+            assert not box.is_displayed()
+            steps = driver.find_element(By.ID, "steps")
+            steps.clear()
+            steps.send_keys("3")
+            driver.find_element(By.ID, "generate").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.result"))
+            driver.refresh()  # asked once: the key is kept for this origin
+            wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 0)
+            assert not driver.find_element(By.ID, "key-box").is_displayed()
+    finally:
+        driver.quit()

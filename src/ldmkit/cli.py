@@ -158,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32,
                    help="images per U-Net batch; 1 = no batching (default %(default)s)")
     p.add_argument("--log-level", default="info", choices=("warning", "info", "debug"))
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="every API route then needs 'Authorization: Bearer KEY' (or "
+                        "x-api-key); default: $LDMKIT_API_KEY, else no key")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let browser pages on ORIGIN (e.g. http://localhost:3000, or *) "
+                        "call the API; repeat for more")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a --host beyond this machine (e.g. 0.0.0.0) without a key")
+    p.add_argument("--model-id", default="ldmkit",
+                   help="the model's name in the OpenAI and A1111 APIs (default %(default)s)")
     p.set_defaults(handler="ldmkit.server.app:cli_serve")
 
     p = sub.add_parser("evaluate", help="judge prompt fidelity of a model on the shapes data")

@@ -39,9 +39,9 @@ import torch
 
 from ldmkit.diffusion.registry import SAMPLERS
 from ldmkit.errors import UserError
-from ldmkit.models.text import TextEmbeddings
+from ldmkit.models.text import TextEmbeddings, is_blank
 from ldmkit.pipeline import TextToImagePipeline
-from ldmkit.sampling_args import SamplingArgs, prompt_overflow
+from ldmkit.sampling_args import SamplingArgs
 from ldmkit.viz import to_pil
 
 
@@ -79,6 +79,7 @@ class Job:
     args: SamplingArgs
     loop: asyncio.AbstractEventLoop
     preview_every: int = 0  # 0 = no previews (the plain POST)
+    preview_steps: frozenset[int] = frozenset()  # step indices with a preview, besides
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
@@ -90,6 +91,14 @@ class Job:
         if SAMPLERS[a.sampler].stochastic:
             return None
         return a.sampler, a.steps, a.guidance, a.guidance_rescale
+
+    @property
+    def previews(self) -> bool:
+        return bool(self.preview_every or self.preview_steps)
+
+    def wants_preview(self, step: int) -> bool:
+        every = self.preview_every
+        return step in self.preview_steps or bool(every and step % every == 0)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -143,13 +152,18 @@ class Batcher:
 
     def submit(self, job: Job) -> int:
         """Queue a job; its place in the queue (0 = next), or QueueFull."""
+        return self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> int:
+        """Queue every job or none (QueueFull): one request's images are not half-served.
+        The first job's place in the queue (0 = next)."""
         with self._cond:
-            if self._stopping or len(self._pending) >= self.queue_size:
+            if self._stopping or len(self._pending) + len(jobs) > self.queue_size:
                 self.stats.rejected += 1
                 raise QueueFull(self.retry_after())
-            self._pending.append(job)
+            self._pending.extend(jobs)
             self._cond.notify()
-            return len(self._pending) - 1
+            return len(self._pending) - len(jobs)
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely moved on: the time of one more batch."""
@@ -221,7 +235,7 @@ class Batcher:
             unconds.append(uncond.expand(a.n))
             offset = rows[-1].stop if rows else 0
             rows.append(slice(offset, offset + a.n))
-            warnings.append(self._warnings(a))
+            warnings.append(self._prompt_report(a))
         callback = self._callback(batch, rows, first.steps)
         latents = pipe.denoise(
             torch.cat(noise), TextEmbeddings.cat(conds), TextEmbeddings.cat(unconds),
@@ -230,38 +244,44 @@ class Batcher:
             callback=callback, guidance_rescale=first.guidance_rescale)
         ran = time.monotonic() - start
         images = sum(job.args.n for job in batch)
-        for job, row, warning in zip(batch, rows, warnings):
+        for job, row, (warning, tokens) in zip(batch, rows, warnings):
             if job.cancelled.is_set():
                 self.stats.cancelled += 1
                 continue
             job.post("done", {"images": png_base64(pipe.decode(latents[row])),
-                              "warnings": warning,
+                              "warnings": warning, "prompt_tokens": tokens,
                               "timing": {"queued_s": round(start - job.created, 4),
                                          "run_s": round(ran, 4), "batch_images": images}})
             self.stats.completed += 1
             self.stats.images += job.args.n
 
-    def _warnings(self, args: SamplingArgs) -> list[str]:
-        """What the client should know: prompts cut to the text encoder's window. Checked
+    def _prompt_report(self, args: SamplingArgs) -> tuple[list[str], int]:
+        """What the client should know: prompts cut to the text encoder's window, and the
+        prompt's token count as encoded (0 for a blank prompt; OpenAI's `usage`). Counted
         here, on the worker thread: a fast tokenizer must not be used by two threads."""
-        encoder, out = self.pipe.text_encoder, []
+        encoder, out, tokens = self.pipe.text_encoder, [], 0
         for name, text in (("prompt", args.prompt), ("negative_prompt", args.negative_prompt)):
-            cut = prompt_overflow(encoder.tokenizer, text, encoder.max_length) if text else 0
+            if not text or is_blank(text):
+                continue
+            length = len(encoder.tokenizer(text, truncation=False, verbose=False)["input_ids"])
+            cut = max(0, length - encoder.max_length)
+            if name == "prompt":
+                tokens = length - cut
             if cut:
                 out.append(f"{name} is {cut} tokens longer than the text encoder's "
                            f"{encoder.max_length}; its tail was ignored")
-        return out
+        return out, tokens
 
     def _callback(self, batch: list[Job], rows: list[slice], steps: int):
         """Per step: stop when nobody waits (or the server stops); decode the x0 estimate
         for the jobs that stream previews."""
-        streaming = [(job, row) for job, row in zip(batch, rows) if job.preview_every]
+        streaming = [(job, row) for job, row in zip(batch, rows) if job.previews]
 
         def on_step(i: int, t: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
             if self._stopping or all(job.cancelled.is_set() for job in batch):
                 raise _Cancelled
             for job, row in streaming:
-                if i % job.preview_every == 0 and not job.cancelled.is_set():
+                if job.wants_preview(i) and not job.cancelled.is_set():
                     job.post("preview", {"step": i + 1, "steps": steps, "t": int(t),
                                          "images": png_base64(self.pipe.decode(x0[row]))})
 

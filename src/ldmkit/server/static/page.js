@@ -1,12 +1,46 @@
 // The page: fills the sampler list from /v1/model, posts to /v1/images/stream and reads
 // its server-sent events (fetch, since EventSource cannot POST), shows every preview,
-// then adds the final image with its settings to the gallery.
+// then adds the final image with its settings to the gallery. A server started with
+// --api-key answers 401: the page then asks for the key once and keeps it in this
+// browser's localStorage for this origin.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const png = (b64) => "data:image/png;base64," + b64;
+const KEY = "ldmkit-api-key";
+
+function withKey(headers = {}) {
+  const key = localStorage.getItem(KEY);
+  return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
+}
+
+// Show the key box and wait until a key is entered.
+function askForKey(wrong) {
+  $("key-box").hidden = false;
+  status(wrong ? "the server refused that API key: enter the right one"
+               : "this server needs an API key: enter it above", true);
+  $("api-key").focus();
+  return new Promise((resolve) => {
+    $("key-form").onsubmit = (event) => {
+      event.preventDefault();
+      localStorage.setItem(KEY, $("api-key").value.trim());
+      $("key-box").hidden = true;
+      status("");
+      resolve();
+    };
+  });
+}
+
+// fetch with the key; on a 401, ask for the key and try again.
+async function api(path, options = {}) {
+  for (let asked = false; ; asked = true) {
+    const response = await fetch(path, { ...options, headers: withKey(options.headers) });
+    if (response.status !== 401) return response;
+    await askForKey(asked || localStorage.getItem(KEY) !== null);
+  }
+}
 
 async function loadModel() {
-  const model = await (await fetch("/v1/model")).json();
+  const model = await (await api("/v1/model")).json();
   for (const s of model.samplers) {
     const option = new Option(s.title, s.name);
     option.selected = s.name === model.defaults.sampler;
@@ -84,7 +118,7 @@ async function generate(event) {
   $("generate").disabled = true;
   status("queued…");
   try {
-    const response = await fetch("/v1/images/stream", {
+    const response = await api("/v1/images/stream", {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify(request()) });
     if (!response.ok) {

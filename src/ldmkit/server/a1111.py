@@ -1,0 +1,205 @@
+"""AUTOMATIC1111's web-UI API, the part its clients use (Open WebUI's second engine,
+LibreChat's SD tool, the `webuiapi` package):
+
+    POST /sdapi/v1/txt2img      prompt, negative_prompt, steps, cfg_scale, seed (-1 =
+                                random), batch_size x n_iter, width/height (the model's
+                                size), sampler_name -> {"images", "parameters", "info"}
+    GET  /sdapi/v1/sd-models, samplers, schedulers, options (and POST options), scripts
+
+As in A1111, image i of a request has seed `seed + i` (all in `info["all_seeds"]`), so
+each image alone is `ldmkit sample --n 1 --seed SEED+i`. Fields of A1111's that change
+nothing here (hires fix, face restoration, scripts...) are accepted and ignored, as
+A1111's clients send all of them. Errors are FastAPI's `detail`, as A1111's own are.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from ldmkit import __version__
+from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
+from ldmkit.sampling_args import SEED_LIMIT, SamplingArgs
+from ldmkit.server.auth import require_key
+from ldmkit.server.errors import NativeRoute
+from ldmkit.server.service import (
+    MAX_IMAGES_PER_REQUEST,
+    RANDOM_SEEDS,
+    ImageService,
+    invalid,
+)
+
+router = APIRouter(route_class=NativeRoute, dependencies=[Depends(require_key)],
+                   prefix="/sdapi/v1", tags=["A1111 API"])
+ERRORS = {401: {"description": "an API key is needed (Bearer, x-api-key, or Basic with "
+                               "the key as password)"},
+          422: {"description": "a field out of range (named in `detail`)"}}
+
+# A1111's names for ours (sampler_name in, info["sampler_name"] out), and the A1111 names
+# that mean one of ours: "Euler a" is ancestral sampling, which DDPM is.
+A1111_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "dpmpp-2m": "DPM++ 2M"}
+ALIASES = {"euler a": "ddpm", "euler_a": "ddpm", "ancestral": "ddpm", "dpm++ 2m": "dpmpp-2m",
+           "dpmpp_2m": "dpmpp-2m"}
+SCHEDULE_SUFFIXES = (" karras", " exponential", " uniform", " sgm uniform", " automatic")
+
+
+def a1111_name(sampler: str) -> str:
+    return A1111_NAMES.get(sampler, SAMPLERS[sampler].title)
+
+
+def our_sampler(name: str | None) -> tuple[str, str | None]:
+    """(our sampler, a warning or None) for an A1111 sampler name; an unknown one falls
+    back to the headline sampler, said in the warning."""
+    if not name:
+        return HEADLINE.sampler, None
+    wanted = name.strip().lower()
+    for suffix in SCHEDULE_SUFFIXES:  # the noise-schedule part is ours to choose
+        wanted = wanted.removesuffix(suffix)
+    candidates = {**{k: k for k in SAMPLERS}, **{a1111_name(k).lower(): k for k in SAMPLERS},
+                  **ALIASES}
+    if candidates.get(wanted) in SAMPLERS:
+        return candidates[wanted], None
+    return HEADLINE.sampler, (f"sampler_name {name!r} is not offered; used "
+                              f"{a1111_name(HEADLINE.sampler)}")
+
+
+class Txt2ImgRequest(BaseModel):
+    """A1111's txt2img fields that matter here; any other is accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = Field("", description="\"\" (or blank) = an unconditional sample")
+    negative_prompt: str = ""
+    steps: int | None = Field(None, description=f"default {HEADLINE.steps}")
+    cfg_scale: float | None = Field(None, description=f"default {HEADLINE.guidance}")
+    guidance_rescale: float | None = Field(None, description="ldmkit's; 0 = plain CFG")
+    seed: int = Field(-1, description="-1 = random; image i gets seed + i")
+    batch_size: int = 1
+    n_iter: int = 1
+    width: int | None = Field(None, description="the model's image size")
+    height: int | None = Field(None, description="the model's image size")
+    sampler_name: str | None = None
+    sampler_index: str | None = Field(None, description="A1111's older name for sampler_name")
+
+
+class Txt2ImgResponse(BaseModel):
+    images: list[str] = Field(description="base64-encoded PNGs")
+    parameters: dict = Field(description="the request's fields")
+    info: str = Field(description="a JSON string: seed, all_seeds, infotexts, ...")
+
+
+NAMES = {"guidance": "cfg_scale", "sampler": "sampler_name", "n": "batch_size"}
+
+
+def _checked(svc: ImageService, body: Txt2ImgRequest) -> tuple[list[SamplingArgs], list[str]]:
+    """One n = 1 request per image with its own seed, and the warnings to pass on."""
+    for name in ("batch_size", "n_iter"):
+        if getattr(body, name) < 1:
+            raise invalid(name, f"must be an integer >= 1, got {getattr(body, name)}")
+    count = body.batch_size * body.n_iter
+    if count > MAX_IMAGES_PER_REQUEST:
+        raise invalid("batch_size", f"batch_size x n_iter must be at most "
+                      f"{MAX_IMAGES_PER_REQUEST} per request, got {count}")
+    size = svc.pipe.image_size
+    for name in ("width", "height"):
+        if getattr(body, name) not in (None, size):
+            raise invalid(name, f"this model makes {size}x{size} images: ask for "
+                          f"width={size}, height={size}, not {getattr(body, name)}")
+    if body.seed < -1 or body.seed + count > SEED_LIMIT:
+        raise invalid("seed", f"must be -1 (random) or in 0..2**63-{count + 1}, got {body.seed}")
+    seed = body.seed if body.seed != -1 else secrets.randbelow(RANDOM_SEEDS)
+    sampler, warning = our_sampler(body.sampler_name or body.sampler_index)
+    negative = body.negative_prompt or None
+    args = [svc.args(body.prompt, negative, 1, body.steps, body.cfg_scale, sampler, seed + i,
+                     body.guidance_rescale, names=NAMES) for i in range(count)]
+    return args, [warning] if warning else []
+
+
+def _info(svc: ImageService, body: Txt2ImgRequest, args: list[SamplingArgs],
+          warnings: list[str]) -> str:
+    """A1111's `info`: a JSON string (not an object), with the infotext of each image."""
+    a, size = args[0], svc.pipe.image_size
+    name = a1111_name(a.sampler)
+    negative = a.negative_prompt or ""
+
+    def infotext(one: SamplingArgs) -> str:
+        head = one.prompt + (f"\nNegative prompt: {negative}" if negative else "")
+        return (f"{head}\nSteps: {one.steps}, Sampler: {name}, CFG scale: {one.guidance}, "
+                f"Seed: {one.seed}, Size: {size}x{size}, Model: {svc.model_id}, "
+                f"Guidance rescale: {one.guidance_rescale}, Version: ldmkit {__version__}")
+
+    return json.dumps({
+        "prompt": a.prompt, "all_prompts": [x.prompt for x in args],
+        "negative_prompt": negative, "all_negative_prompts": [negative] * len(args),
+        "seed": a.seed, "all_seeds": [x.seed for x in args],
+        "subseed": -1, "all_subseeds": [-1] * len(args), "subseed_strength": 0,
+        "width": size, "height": size, "sampler_name": name, "cfg_scale": a.guidance,
+        "steps": a.steps, "batch_size": body.batch_size, "n_iter": body.n_iter,
+        "restore_faces": False, "sd_model_name": svc.model_id, "sd_model_hash": None,
+        "index_of_first_image": 0, "infotexts": [infotext(x) for x in args],
+        "styles": [], "version": f"ldmkit {__version__}",
+        "ldmkit": {"sampler": a.sampler, "guidance_rescale": a.guidance_rescale,
+                   "warnings": warnings}})
+
+
+@router.post("/txt2img", response_model=Txt2ImgResponse, responses={
+    **ERRORS, 500: {"description": "the output was not finite (NaN)"},
+    503: {"description": "queue full (see Retry-After) or shutting down"}})
+async def txt2img(body: Txt2ImgRequest, request: Request) -> dict | Response:
+    """batch_size x n_iter images; image i from seed + i."""
+    svc: ImageService = request.app.state.service
+    args, warnings = _checked(svc, body)
+    payloads = await svc.results(svc.submit(args), request)
+    if payloads is None:
+        return Response(status_code=499)  # the client left; the work was dropped
+    warnings += sorted({w for p in payloads for w in p["warnings"]})
+    return {"images": [p["images"][0] for p in payloads], "parameters": body.model_dump(),
+            "info": _info(svc, body, args, warnings)}
+
+
+# ----------------------------------------------------------------------------- the probes
+
+
+@router.get("/sd-models", responses={401: ERRORS[401]})
+def sd_models(request: Request) -> list[dict]:
+    model_id = request.app.state.service.model_id
+    return [{"title": model_id, "model_name": model_id, "hash": None, "sha256": None,
+             "filename": model_id, "config": None}]
+
+
+@router.get("/samplers", responses={401: ERRORS[401]})
+def samplers() -> list[dict]:
+    return [{"name": a1111_name(name), "aliases": [name], "options": {}} for name in SAMPLERS]
+
+
+@router.get("/schedulers", responses={401: ERRORS[401]})
+def schedulers() -> list[dict]:
+    """The model's own noise schedule is the only one."""
+    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
+             "need_inner_model": False}]
+
+
+@router.get("/options", responses={401: ERRORS[401]})
+def options(request: Request) -> dict:
+    return {"sd_model_checkpoint": request.app.state.service.model_id,
+            "samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0}
+
+
+@router.post("/options", responses=ERRORS)
+def set_options(request: Request, settings: Annotated[dict, Body()]) -> None:
+    """Clients select the checkpoint here: this server's one is fine, another is a 422;
+    other options are accepted and change nothing."""
+    model_id = request.app.state.service.model_id
+    wanted = settings.get("sd_model_checkpoint")
+    if wanted is not None and wanted != model_id:
+        raise invalid("sd_model_checkpoint", f"this server serves {model_id!r} only, "
+                      f"not {wanted!r:.80}")
+
+
+@router.get("/scripts", responses={401: ERRORS[401]})
+def scripts() -> dict:
+    return {"txt2img": [], "img2img": []}

@@ -1,0 +1,142 @@
+"""What every route shares: the checks and limits on a request, the one batcher's queue,
+waiting for the result (and dropping the work when the client hangs up), and what a
+failure means. The routers (native.py, openai_images.py, a1111.py) only translate their
+API's fields to `SamplingArgs` and a `Refusal` to their API's error shape, so a request
+gives the same images, queue and limits whichever door it came in by."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from ldmkit.errors import UserError
+from ldmkit.pipeline import TextToImagePipeline
+from ldmkit.sampling_args import NonFiniteOutputError, SamplingArgs, SamplingArgumentError
+from ldmkit.server.batcher import Batcher, Job, QueueFull, ServerStopping
+
+MAX_IMAGES_PER_REQUEST = 16  # a response holds every image of a request in memory
+MAX_PROMPT_CHARS = 10_000  # only bounds tokenizing; the encoder's window cuts far sooner
+RANDOM_SEEDS = 2**31  # a drawn seed fits every client's integer (A1111's, JavaScript's)
+
+
+@dataclass
+class Refusal(Exception):
+    """A request that gets no images, in no API's words yet. `kind`: "invalid" (a field,
+    named in `field`), "busy" (queue full; `retry_after` seconds), "stopping", "non_finite"
+    (the model produced NaN/inf), "failed" (a bug: see the server log), "unauthorized",
+    "not_found"."""
+
+    kind: str
+    message: str
+    field: str | None = None
+    retry_after: int | None = None
+    code: str | None = None  # a machine-readable reason where an API has a word for it
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def invalid(field_name: str, reason: str) -> Refusal:
+    """A field's value refused; `reason` reads after the field's name."""
+    return Refusal("invalid", f"{field_name}: {reason}", field_name, code="invalid_value")
+
+
+@dataclass
+class ImageService:
+    """The loaded pipeline, its batcher, and what the model is called in the APIs."""
+
+    pipe: TextToImagePipeline
+    batcher: Batcher
+    model_id: str = "ldmkit"
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def size(self) -> str:
+        return f"{self.pipe.image_size}x{self.pipe.image_size}"
+
+    def args(self, prompt: object, negative_prompt: object = None, n: object = 1,
+             steps: object = None, guidance: object = None, sampler: object = None,
+             seed: object = None, guidance_rescale: object = None,
+             names: dict[str, str] | None = None) -> SamplingArgs:
+        """Checked arguments; None = the default (a drawn seed for `seed`). A bad field
+        is a Refusal naming it as the caller's API spells it (`names`: ours -> theirs)."""
+        given = {"steps": steps, "guidance": guidance, "sampler": sampler,
+                 "guidance_rescale": guidance_rescale}
+        raw = SamplingArgs(prompt, negative_prompt, n,
+                           seed=secrets.randbelow(RANDOM_SEEDS) if seed is None else seed,
+                           **{k: v for k, v in given.items() if v is not None})
+        try:
+            return raw.checked(self.pipe.schedule.timesteps, MAX_IMAGES_PER_REQUEST,
+                               MAX_PROMPT_CHARS)
+        except SamplingArgumentError as exc:
+            raise invalid((names or {}).get(exc.field, exc.field), exc.reason) from None
+
+    def submit(self, args: Iterable[SamplingArgs], preview_every: int = 0,
+               preview_steps: frozenset[int] = frozenset()) -> list[Job]:
+        """Queue one job per args, all or none (a Refusal "busy" when the queue is full)."""
+        loop = asyncio.get_running_loop()
+        jobs = [Job(a, loop, preview_every, preview_steps) for a in args]
+        try:
+            self.batcher.submit_all(jobs)
+        except QueueFull as exc:
+            raise Refusal("busy", "the queue is full; retry later",
+                          retry_after=exc.retry_after) from None
+        return jobs
+
+    async def results(self, jobs: list[Job], request: Request) -> list[dict] | None:
+        """Each job's "done" payload, in order; None if the client hung up first (the
+        work is then dropped); a Refusal when generation failed."""
+        finals = asyncio.ensure_future(asyncio.gather(*(final_event(j) for j in jobs)))
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait({finals, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not finals.done():
+                return None
+            out = []
+            for kind, payload in finals.result():
+                if kind == "error":
+                    raise failure(payload)
+                out.append(payload)
+            return out
+        finally:
+            finals.cancel()
+            gone.cancel()
+            for job in jobs:
+                job.cancel()  # no-op once done; drops queued or running work otherwise
+
+
+def failure(exc: BaseException) -> Refusal:
+    """What a worker-side exception means for the client."""
+    if isinstance(exc, ServerStopping):
+        return Refusal("stopping", str(exc), code="server_shutting_down")
+    if isinstance(exc, NonFiniteOutputError):  # said, never shown as a black image
+        return Refusal("non_finite", f"generation failed: {exc}", code="non_finite_output")
+    if isinstance(exc, UserError):
+        return Refusal("failed", f"generation failed: {exc}")
+    return Refusal("failed", f"generation failed ({type(exc).__name__}); see the server log")
+
+
+async def final_event(job: Job) -> tuple[str, object]:
+    """The job's "done" or "error" event, skipping previews."""
+    while True:
+        kind, payload = await job.events.get()
+        if kind != "preview":
+            return kind, payload
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body is already read: only that can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def spread_steps(count: int, steps: int) -> frozenset[int]:
+    """`count` step indices spread evenly before the last step (whose image is the
+    result): the moments a client asking for `count` partial images gets one."""
+    return frozenset(round((j + 1) * steps / (count + 1)) - 1 for j in range(count)) \
+        - {steps - 1, -1}
