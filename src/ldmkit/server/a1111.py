@@ -26,7 +26,7 @@ from ldmkit import __version__
 from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
 from ldmkit.sampling_args import SEED_LIMIT, SamplingArgs
 from ldmkit.server.auth import require_key
-from ldmkit.server.errors import NativeRoute
+from ldmkit.server.errors import BODY_UNREADABLE, NativeRoute
 from ldmkit.server.service import (
     MAX_IMAGES_PER_REQUEST,
     RANDOM_SEEDS,
@@ -36,7 +36,8 @@ from ldmkit.server.service import (
 
 router = APIRouter(route_class=NativeRoute, dependencies=[Depends(require_key)],
                    prefix="/sdapi/v1", tags=["A1111 API"])
-ERRORS = {401: {"description": "an API key is needed (Bearer, x-api-key, or Basic with "
+ERRORS = {400: BODY_UNREADABLE,
+          401: {"description": "an API key is needed (Bearer, x-api-key, or Basic with "
                                "the key as password)"},
           422: {"description": "a field out of range (named in `detail`)"}}
 

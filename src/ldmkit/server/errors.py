@@ -22,6 +22,8 @@ from starlette.exceptions import HTTPException
 
 from ldmkit.server.service import Refusal
 
+# Starlette's own answer to a body it cannot even decode (bytes that are not UTF-8)
+BODY_UNREADABLE = {"description": "the body cannot be read (not UTF-8 text)"}
 STATUS = {"invalid": 422, "busy": 503, "stopping": 503, "non_finite": 500, "failed": 500,
           "unauthorized": 401, "not_found": 404}
 

@@ -23,7 +23,7 @@ from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
 from ldmkit.sampling_args import GUIDANCE_MAX, SamplingArgs, SamplingArgumentError, check_count
 from ldmkit.server.auth import require_key
 from ldmkit.server.batcher import Job
-from ldmkit.server.errors import NativeRoute
+from ldmkit.server.errors import BODY_UNREADABLE, NativeRoute
 from ldmkit.server.service import (
     MAX_IMAGES_PER_REQUEST,
     MAX_PROMPT_CHARS,
@@ -35,7 +35,8 @@ from ldmkit.server.service import (
 
 router = APIRouter(route_class=NativeRoute, dependencies=[Depends(require_key)],
                    tags=["ldmkit"])
-ERRORS = {401: {"description": "an API key is needed (`ldmkit serve --api-key`)"},
+ERRORS = {400: BODY_UNREADABLE,
+          401: {"description": "an API key is needed (`ldmkit serve --api-key`)"},
           422: {"description": "a field out of range (named in `detail`)"},
           503: {"description": "queue full (see Retry-After) or shutting down"}}
 

@@ -98,7 +98,8 @@ class OpenAIRoute(NativeRoute):
 
 router = APIRouter(route_class=OpenAIRoute, dependencies=[Depends(require_key)],
                    tags=["OpenAI images API"])
-ERRORS = {400: {"description": "a bad or unknown field (`error.param` names it)"},
+ERRORS = {400: {"description": "a bad or unknown field (`error.param` names it), or a "
+                               "body that is not JSON"},
           401: {"description": "an API key is needed, or it is wrong"},
           404: {"description": "no such model (`model_not_found`)"}}
 
