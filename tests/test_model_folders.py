@@ -21,7 +21,7 @@ OLD_FOLDER = FIXTURES / "model-0.1.0"  # written by ldmkit 0.1.0 before the spli
 TRAINING_KEYS = {"kl_weight", "recon_loss", "steps", "batch_size", "lr", "warmup_steps",
                  "minutes"}
 ARCHITECTURE_KEYS = {"downsample_factor", "base_channels", "channel_mult", "num_res_blocks",
-                     "latent_channels", "attention", "scale_factor"}
+                     "latent_channels", "attention", "norm_group_channels", "scale_factor"}
 
 
 def test_a_saved_vae_config_holds_the_architecture_and_image_size_only(tmp_path):
@@ -67,6 +67,8 @@ def test_a_folder_written_before_the_split_still_loads_and_gives_the_same_images
     pipe.save_pretrained(tmp_path / "resaved")
     resaved = json.loads((tmp_path / "resaved" / "vae" / "config.json").read_text())
     assert not TRAINING_KEYS & set(resaved)
+    # keys added since 0.1.0 come back at the defaults that build the old network
+    assert resaved.pop("norm_group_channels") == 0
     assert {k: old_vae[k] for k in resaved} == resaved
 
 

@@ -56,7 +56,7 @@ def test_train_vae_cli_writes_every_artifact(cli_run, capsys):
     assert json.loads((out / "config.json").read_text())["vae"]["steps"] == 3
 
 
-def test_evaluate_vae_cli_writes_psnr_and_ssim(cli_run, tmp_path):
+def test_evaluate_vae_cli_writes_psnr_ssim_and_colour_error(cli_run, tmp_path):
     _, out = cli_run
     target = tmp_path / "eval.json"
     assert main(["evaluate-vae", "--vae", str(out / "model"), "--out", str(target),
@@ -64,6 +64,7 @@ def test_evaluate_vae_cli_writes_psnr_and_ssim(cli_run, tmp_path):
     result = json.loads(target.read_text())
     assert result["n"] == 4 and result["image_size"] == 16
     assert 0 < result["psnr"] < 60 and -1 <= result["ssim"] <= 1
+    assert 0 < result["color_error"] <= result["color_error_max"] < 100
 
 
 def test_evaluate_vae_cli_refuses_a_missing_folder(tmp_path, capsys):

@@ -22,6 +22,10 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
+# Colours the shapes data can add to its six (their RGB: data/shapes.py EXTRA_COLORS).
+EXTRA_COLOR_NAMES = ("pink", "cyan", "brown")
+
+
 def _opt(default: Any, *, lo: float | None = None, hi: float | None = None,
          choices: tuple | None = None, doc: str = "") -> Any:
     """A field with its validation rule kept beside its default."""
@@ -55,6 +59,14 @@ class DataConfig:
     balance_by: str = _opt("", doc="folder data: a metadata.jsonl field; the U-Net draws "
                                    "each of its values equally often (empty = every image "
                                    "equally often)")
+    extra_colors: list[str] = _opt([], choices=EXTRA_COLOR_NAMES,
+                                   doc="shapes data: colours beyond the six the demo model "
+                                       "knows (RGB in data/shapes.py), e.g. to teach a "
+                                       "trained model one by fine-tuning")
+    extra_color_fraction: float = _opt(0.5, lo=0.0, hi=1.0,
+                                       doc="shapes data with extra_colors: the share of "
+                                           "objects drawn in one of them (the rest keep "
+                                           "the six, so a fine-tune rehearses them)")
 
 
 @dataclass
@@ -70,6 +82,10 @@ class VAEArchitecture:
     num_res_blocks: int = _opt(1, lo=1, doc="ResNet blocks per level")
     latent_channels: int = _opt(4, lo=1, doc="channels of the latent the U-Net sees")
     attention: bool = _opt(True, doc="self-attention at the lowest resolution")
+    norm_group_channels: int = _opt(0, lo=0, doc="channels per GroupNorm group; 0 = 32 "
+                                                 "groups where the width allows (LDM's), "
+                                                 "which at widths <= 32 is one channel "
+                                                 "per group (instance norm)")
     scale_factor: float = _opt(0.0, lo=0.0, doc="1/std of latents; 0 = compute after training")
 
     def architecture(self) -> VAEArchitecture:
@@ -260,6 +276,22 @@ class SampleConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """[lora]: train a LoRA adapter (Hu et al. 2021, through PEFT; models/lora.py) on a
+    trained denoiser instead of all its weights: `ldmkit train --init-from MODEL_DIR`."""
+
+    rank: int = _opt(0, lo=0, hi=1024, doc="the adapter's rank r; 0 = no adapter (the "
+                                           "whole denoiser trains)")
+    alpha: float = _opt(0.0, lo=0.0, doc="LoRA's alpha: the update is scaled by alpha / "
+                                         "rank; 0 = rank (a scale of 1)")
+    targets: list[str] = _opt(["attention"], choices=("attention", "conv"),
+                              doc="attention: every attention's to_q/to_k/to_v/to_out "
+                                  "projections; conv: also the ResBlocks' 3x3 convolutions")
+    dropout: float = _opt(0.0, lo=0.0, hi=1.0, doc="dropout on the adapter's input "
+                                                   "(PEFT's lora_dropout)")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -268,6 +300,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -437,6 +470,9 @@ def _check_cross_field(cfg: Config, source: str) -> None:
     if cfg.vae.include_heldout and cfg.data.dataset != "shapes":
         raise ConfigError(f"{source}: vae.include_heldout adds the shapes data's held-out "
                           f"pairs to the VAE's images; data.dataset is {cfg.data.dataset!r}")
+    if cfg.data.extra_colors and cfg.data.dataset != "shapes":
+        raise ConfigError(f"{source}: data.extra_colors adds colours to the shapes data; "
+                          f"data.dataset is {cfg.data.dataset!r}")
     if cfg.data.balance_by and cfg.data.dataset != "folder":
         raise ConfigError(f"{source}: data.balance_by = {cfg.data.balance_by!r} balances "
                           f"folder data by a metadata.jsonl field; data.dataset is "

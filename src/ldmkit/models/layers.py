@@ -13,10 +13,13 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups when the width allows it (as in LDM), fewer for tiny widths."""
-    groups = math.gcd(32, channels)
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+def group_norm(channels: int, per_group: int = 0) -> nn.GroupNorm:
+    """GroupNorm with 32 groups when the width allows it (as in LDM), fewer for tiny widths;
+    or, given `per_group`, groups of that many channels. At widths up to 32, 32 groups is
+    one channel per group — instance norm, which takes away each image's mean and contrast
+    of every channel (its colour, for a VAE)."""
+    groups = math.gcd(channels // per_group, channels) if per_group else math.gcd(32, channels)
+    return nn.GroupNorm(max(1, groups), channels, eps=1e-6)
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -50,12 +53,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with an optional time embedding added in between."""
 
-    def __init__(self, in_ch: int, out_ch: int, time_dim: int | None = None, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int | None = None, dropout: float = 0.0,
+                 norm_per_group: int = 0):
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, norm_per_group)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_proj = nn.Linear(time_dim, out_ch) if time_dim else None
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, norm_per_group)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -73,12 +77,13 @@ class Attention(nn.Module):
     cross-attention to `context` tokens (B, L, D) otherwise. A boolean `context_mask`
     (B, L), True = real token, keeps padded tokens out of every softmax."""
 
-    def __init__(self, channels: int, num_heads: int = 1, context_dim: int | None = None):
+    def __init__(self, channels: int, num_heads: int = 1, context_dim: int | None = None,
+                 norm_per_group: int = 0):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"channels {channels} not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, norm_per_group)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(context_dim or channels, channels)
         self.to_v = nn.Linear(context_dim or channels, channels)

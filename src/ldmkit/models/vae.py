@@ -93,11 +93,11 @@ def _widths(cfg: VAEArchitecture) -> list[int]:
 class _Middle(nn.Module):
     """ResBlock, self-attention, ResBlock at the lowest resolution."""
 
-    def __init__(self, ch: int, attention: bool):
+    def __init__(self, ch: int, attention: bool, per_group: int = 0):
         super().__init__()
-        self.block1 = ResBlock(ch, ch)
-        self.attn = Attention(ch) if attention else nn.Identity()
-        self.block2 = ResBlock(ch, ch)
+        self.block1 = ResBlock(ch, ch, norm_per_group=per_group)
+        self.attn = Attention(ch, norm_per_group=per_group) if attention else nn.Identity()
+        self.block2 = ResBlock(ch, ch, norm_per_group=per_group)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block2(self.attn(self.block1(h)))
@@ -108,19 +108,19 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VAEArchitecture):
         super().__init__()
-        widths = _widths(cfg)
+        widths, g = _widths(cfg), cfg.norm_group_channels
         self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
         layers: list[nn.Module] = []
         ch = widths[0]
         for level, width in enumerate(widths):
             for _ in range(cfg.num_res_blocks):
-                layers.append(ResBlock(ch, width))
+                layers.append(ResBlock(ch, width, norm_per_group=g))
                 ch = width
             if level < len(widths) - 1:  # one halving per level but the last: log2(f) in all
                 layers.append(Downsample(ch))
         self.down = nn.Sequential(*layers)
-        self.mid = _Middle(ch, cfg.attention)
-        self.norm_out = group_norm(ch)
+        self.mid = _Middle(ch, cfg.attention, g)
+        self.norm_out = group_norm(ch, g)
         self.conv_out = nn.Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,19 +134,19 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VAEArchitecture):
         super().__init__()
-        widths = _widths(cfg)
+        widths, g = _widths(cfg), cfg.norm_group_channels
         ch = widths[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
-        self.mid = _Middle(ch, cfg.attention)
+        self.mid = _Middle(ch, cfg.attention, g)
         layers: list[nn.Module] = []
         for level in reversed(range(len(widths))):
             for _ in range(cfg.num_res_blocks + 1):
-                layers.append(ResBlock(ch, widths[level]))
+                layers.append(ResBlock(ch, widths[level], norm_per_group=g))
                 ch = widths[level]
             if level > 0:
                 layers.append(Upsample(ch))
         self.up = nn.Sequential(*layers)
-        self.norm_out = group_norm(ch)
+        self.norm_out = group_norm(ch, g)
         self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
