@@ -141,6 +141,22 @@ def test_the_colour_library_reproduces_sharmas_ciede2000_table(lab1, lab2, expec
     assert float(got) == pytest.approx(expected, abs=1e-4)
 
 
+def test_group_norm_groups_by_channels_per_group_or_32_groups():
+    from ldmkit.models.layers import group_norm
+
+    assert [group_norm(c).num_groups for c in (16, 32, 64, 128)] == [16, 32, 32, 32]
+    assert [group_norm(c, 4).num_groups for c in (16, 32, 64, 2)] == [4, 8, 16, 1]
+    assert group_norm(24, 16).num_groups == 1  # no 16-channel groups in 24: one group
+
+
+def test_a_vae_config_sets_its_norm_groups_and_its_folder_keeps_them(tmp_path):
+    cfg = load_config(None, ["vae.base_channels=16", "vae.norm_group_channels=4"]).vae
+    vae = AutoencoderKL(cfg, 64)
+    assert vae.encoder.norm_out.num_groups == 64 // 4
+    vae.save_pretrained(tmp_path / "vae")
+    assert AutoencoderKL.from_pretrained(tmp_path / "vae").decoder.norm_out.num_groups == 4
+
+
 # ----------------------------------------------------------------------------- EMA
 
 

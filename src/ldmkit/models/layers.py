@@ -18,8 +18,8 @@ def group_norm(channels: int, per_group: int = 0) -> nn.GroupNorm:
     or, given `per_group`, groups of that many channels. At widths up to 32, 32 groups is
     one channel per group — instance norm, which takes away each image's mean and contrast
     of every channel (its colour, for a VAE)."""
-    groups = math.gcd(channels // per_group, channels) if per_group else math.gcd(32, channels)
-    return nn.GroupNorm(max(1, groups), channels, eps=1e-6)
+    wanted = max(1, channels // per_group) if per_group else 32
+    return nn.GroupNorm(math.gcd(wanted, channels), channels, eps=1e-6)
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
