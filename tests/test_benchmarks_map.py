@@ -21,14 +21,16 @@ def _headings(markdown: str) -> list[str]:
 
 @pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
 def test_every_study_opens_with_its_question_and_where_the_answer_is(study):
-    first, second = study.read_text().splitlines()[:2]
-    assert first.startswith("# Question: ") and first.endswith("?"), first
-    match = re.match(r'# Answer: BENCHMARKS\.md "([^"]+)"; (.+)$', second)
-    assert match, f"{study.name}: second line must be '# Answer: BENCHMARKS.md \"Section\"; ...'"
+    lines = study.read_text().splitlines()
+    head = " ".join(line.lstrip("# ").strip() for line in
+                    lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))])
+    match = re.match(r'Question: .+?\? Answer: BENCHMARKS\.md "([^"]+)"; (.+)$', head)
+    assert match, (f"{study.name} must open with '# Question: ...?' and "
+                   "'# Answer: BENCHMARKS.md \"Section\"; results/...' comment lines")
     section, where = match.groups()
     headings = _headings((ROOT / "BENCHMARKS.md").read_text())
     assert any(h.startswith(section) for h in headings), f"no BENCHMARKS.md section {section!r}"
-    for pattern in re.findall(r"results/(\S+\.json)", where):
+    for pattern in re.findall(r"results/(\S+\.(?:json|png))", where):
         assert list((BENCH / "results").glob(pattern)), f"{study.name}: no results/{pattern}"
 
 
