@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="ldmkit.training.latent_cache:cli_cache")
 
     p = sub.add_parser("sample", help="generate images from a prompt")
-    p.add_argument("--model", required=True, help="model folder (see README: model directory)")
+    p.add_argument("--model", required=True, help="model folder (docs/model-folder.md)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--steps", type=int, default=HEADLINE.steps,

@@ -206,7 +206,8 @@ class DiffusionConfig:
                                "middle of the path)")
     logit_mean: float = _opt(0.0, lo=-5.0, hi=5.0, doc="flow, logit-normal: mean of the normal")
     logit_std: float = _opt(1.0, lo=0.01, hi=5.0, doc="flow, logit-normal: std of the normal")
-    min_snr_gamma: float = _opt(0.0, lo=0.0, doc="0 = off; 5 is the paper's value "
+    min_snr_gamma: float = _opt(0.0, lo=0.0, doc="Min-SNR-gamma loss weighting (Hang "
+                                                 "et al. 2023): 0 = off; 5 is the paper's value "
                                                  "(eps/v only: flow ignores it)")
     p_uncond: float = _opt(0.15, lo=0.0, hi=1.0, doc="probability that a training caption is "
                                                      "dropped (the empty prompt), so one network "

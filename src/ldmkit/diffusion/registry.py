@@ -62,7 +62,7 @@ class SamplingSettings:
     guidance_rescale: float = 0.0
 
 
-# The setting ldmkit samples and reports with by default: in the README's demo, 20 steps of
+# The setting ldmkit samples and reports with by default: in the shapes demo, 20 steps of
 # the second-order solver come within 2 points of the reference sampler's prompt fidelity
 # at 1/25 of its U-Net calls.
 #
