@@ -1,6 +1,6 @@
 """ldmkit: a readable text-to-image latent diffusion toolkit with classifier-free guidance."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["Config", "TextToImagePipeline", "__version__", "load_config"]
 
 
