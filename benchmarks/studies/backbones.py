@@ -31,8 +31,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import DEMO_CONFIG, RESULTS_DIR  # noqa: E402
 from binding import train_shared_vae  # noqa: E402
+
+from benchlib import DEMO_CONFIG, RESULTS_DIR  # noqa: E402
 from ldmkit.config import load_config  # noqa: E402
 from ldmkit.io import read_json, write_json_atomic  # noqa: E402
 
