@@ -59,7 +59,7 @@ Made by `{command}` (`make demo`): built-in shapes data at
 latents,
 the offline text encoder `{cfg.text.encoder}` (hidden states {cfg.text.hidden_layers} per
 token), a {cfg.diffusion.objective}-objective {cfg.unet.kind} denoiser
-with classifier-free guidance (p_uncond {cfg.diffusion.p_uncond}), {cfg.diffusion.schedule if cfg.diffusion.objective != "flow" else "straight-path"} schedule,
+with classifier-free guidance (p_uncond {cfg.diffusion.p_uncond}), {_path_name(cfg)} schedule,
 T = {cfg.diffusion.timesteps}.
 
 ## Headline ({headline_setting()})
@@ -138,3 +138,8 @@ def _samplers(evaluation: Evaluation) -> str:
         text += ("\n\nGuidance rescale (Lin et al. 2024) against plain CFG, the same prompts "
                  "and noise:\n\n" + fidelity_table([row for pair in pairs for row in pair]))
     return text
+
+
+def _path_name(cfg: Config) -> str:
+    """The noise path's name: the DDPM schedule's kind, or flow's straight line."""
+    return "straight-path" if cfg.diffusion.objective == "flow" else cfg.diffusion.schedule
