@@ -247,6 +247,11 @@ class TrainConfig:
                                         "is read from the device only then")
     checkpoint_every: int = _opt(500, lo=1, doc="updates between checkpoints (--resume continues "
                                                 "from the latest)")
+    report_to: list[str] = _opt([], choices=("tensorboard", "wandb"),
+                                doc="experiment trackers (both stages, through Accelerate): "
+                                    "loss, LR, grad norm, images/s, validation images; "
+                                    "wandb runs offline unless WANDB_MODE says otherwise; "
+                                    "[] = none (docs/training-trackers.md)")
     sample_every: int = _opt(500, lo=1, doc="updates between grids of the validation prompts "
                                             "(samples/)")
     seed: int = _opt(0, lo=0, doc="seed of the weights, draws and noise: the same seed and number "

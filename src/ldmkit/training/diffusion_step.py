@@ -150,6 +150,7 @@ class DiffusionStep:
         self._cuda_graphs = t.compile == "reduce-overhead"
         self.null = null.to(next(unet.parameters()).device)
         self.step = 0  # optimiser updates done (set by the trainer on resume)
+        self.grad_norm: torch.Tensor | None = None  # the last update's, when clipping is on
         self._bf16 = accelerator is None and _plain_bf16(t.mixed_precision)
 
     def autocast(self) -> AbstractContextManager:
@@ -216,10 +217,12 @@ class DiffusionStep:
             loss.backward()
 
     def _clip(self, max_norm: float) -> None:
+        """Clip, keeping the norm before clipping (unread: the trackers read it when they
+        log, so the step still never waits for the device)."""
         if self.accelerator is not None:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+            self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         else:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
 
 def _plain_bf16(mixed_precision: str) -> bool:

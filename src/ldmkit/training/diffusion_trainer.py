@@ -52,6 +52,7 @@ from ldmkit.training.common import (
 from ldmkit.training.diffusion_step import DiffusionStep
 from ldmkit.training.distributed import is_main_process, run_folder_lock, split_random_streams
 from ldmkit.training.latent_cache import training_batches
+from ldmkit.training.trackers import Trackers, accelerator_kwargs, grad_norm_value
 
 
 def cli_train(args: argparse.Namespace) -> int:
@@ -92,7 +93,8 @@ def train_diffusion(cfg: Config, vae_dir: Path, out_dir: Path, resume: bool = Fa
     `dataset` / `text` let a caller (the demo) reuse ones it already built; `snapshot_at`
     lists fractions of the budget at which to keep a copy of the EMA weights."""
     out_dir = Path(out_dir)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision,
+                                   **accelerator_kwargs(cfg.train.report_to, out_dir))
     with run_folder_lock(accelerator, out_dir):
         return _train(cfg, accelerator, Path(vae_dir), out_dir, resume, dataset, text,
                       snapshot_at)
@@ -137,6 +139,7 @@ def _train(cfg: Config, accelerator, vae_dir: Path, out_dir: Path, resume: bool,
                           trainer.step * _images_per_update(cfg, world))
     if accelerator.is_main_process:
         run.finish(result)
+    run.trackers.close()
     accelerator.wait_for_everyone()
     return result
 
@@ -153,6 +156,7 @@ class _Run:
                  text: TextEncoder, vae: AutoencoderKL, out_dir: Path):
         self.cfg, self.acc, self.trainer, self.budget = cfg, accelerator, trainer, budget
         self.text, self.vae, self.out_dir = text, vae, out_dir
+        self.trackers = Trackers(accelerator, cfg, out_dir, "unet", trainer.step)
 
     def loop(self, batches, snapshot_at: tuple[float, ...]) -> list[Snapshot]:
         cfg, acc, trainer = self.cfg, self.acc, self.trainer
@@ -177,9 +181,11 @@ class _Run:
                 value = loss.item()
                 bar.set_postfix({"loss": f"{running.update(loss=value)['loss']:.4f}",
                                  "img/s": f"{ips:.0f}"})
+                logged = {"loss": value, "lr": trainer.scheduler.get_last_lr()[0],
+                          "images_per_s": ips, **grad_norm_value(trainer.grad_norm)}
                 if main:
-                    logger.log(step, loss=value, lr=trainer.scheduler.get_last_lr()[0],
-                               images_per_s=ips, elapsed_s=self.budget.elapsed)
+                    logger.log(step, **logged, elapsed_s=self.budget.elapsed)
+                    self.trackers.scalars(step, logged)
             bar.update(step)
             if main and step % cfg.train.sample_every == 0:
                 self.validation_grid(step)
@@ -223,8 +229,13 @@ class _Run:
             [p for p in prompts for _ in range(per_prompt)], None, s.steps, s.guidance,
             s.sampler, torch.Generator().manual_seed(s.seed)))
         captions = [p for p in prompts for _ in range(per_prompt)]
-        save_image_grid(images, self.out_dir / "samples" / f"step-{step:07d}.png",
-                        nrow=per_prompt, captions=captions)
+        path = self.out_dir / "samples" / f"step-{step:07d}.png"
+        save_image_grid(images, path, nrow=per_prompt, captions=captions)
+        if self.trackers.names:  # the very picture written to samples/
+            from PIL import Image
+
+            with Image.open(path) as grid:
+                self.trackers.image(step, "samples", grid.convert("RGB"))
 
     def finish(self, result: DiffusionRun) -> None:
         from ldmkit.viz import plot_metrics

@@ -40,6 +40,7 @@ class VAEStep:
         self.optimizer = make_optimizer(vae.parameters(), v.lr, cfg.train.weight_decay, betas)
         self.scheduler = make_lr_schedule(self.optimizer, v.warmup_steps, v.steps, progress)
         self.ema = copy.deepcopy(vae).requires_grad_(False).eval() if v.ema_decay else None
+        self.grad_norm: torch.Tensor | None = None  # the VAE's last update's, when clipping
         self.disc = self.disc_module = None
         self.d_optimizer = None
         if v.gan_weight:
@@ -82,7 +83,7 @@ class VAEStep:
         if gan:
             loss = loss + self._generator_term(rec, recon, logged)
         acc.backward(loss)
-        self._update(self.model, self.optimizer)
+        self.grad_norm = self._update(self.model, self.optimizer)
         if gan:
             logged["d_loss"] = self._discriminator_update(images, recon.detach())
         if self.ema is not None:
@@ -110,11 +111,14 @@ class VAEStep:
         self._update(self.disc, self.d_optimizer)
         return d_loss.detach()
 
-    def _update(self, module: torch.nn.Module, optimizer) -> None:
+    def _update(self, module: torch.nn.Module, optimizer) -> torch.Tensor | None:
+        """Clip, step, zero; the gradient norm before clipping (unread), when clipping."""
+        norm = None
         if self.grad_clip:
-            self.accelerator.clip_grad_norm_(module.parameters(), self.grad_clip)
+            norm = self.accelerator.clip_grad_norm_(module.parameters(), self.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return norm
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -53,6 +53,7 @@ from ldmkit.training.common import (
     make_accelerator,
 )
 from ldmkit.training.distributed import is_main_process, run_folder_lock, split_random_streams
+from ldmkit.training.trackers import Trackers, accelerator_kwargs, grad_norm_value
 from ldmkit.training.vae_step import VAEStep
 
 GRID_IMAGES = 8  # held-out images shown in the reconstruction grid
@@ -84,7 +85,8 @@ def train_vae(cfg: Config, out_dir: Path, resume: bool = False, dataset=None) ->
     """Train (or resume) a VAE run in `out_dir` and save the model folder there.
     `dataset` lets a caller (the demo) pass a training set it already built."""
     out_dir = Path(out_dir)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision,
+                                   **accelerator_kwargs(cfg.train.report_to, out_dir))
     with run_folder_lock(accelerator, out_dir):
         return _train(cfg, accelerator, out_dir, resume, dataset)
 
@@ -112,8 +114,10 @@ def _train(cfg: Config, accelerator, out_dir: Path, resume: bool, dataset) -> VA
         if ckpt:
             print(f"resuming {out_dir} from step {step}")
     update.prepare(accelerator)
+    trackers = Trackers(accelerator, cfg, out_dir, "vae", step)
 
-    step = _train_loop(cfg, accelerator, update, budget, train_set, out_dir, step)
+    step = _train_loop(cfg, accelerator, update, budget, train_set, out_dir, step,
+                       _Watch(trackers, val_set))
     train_seconds = budget.elapsed
     accelerator.wait_for_everyone()
     # prepare() wrapped forward in autocast; measure and save the plain float32 model
@@ -121,6 +125,10 @@ def _train(cfg: Config, accelerator, out_dir: Path, resume: bool, dataset) -> VA
         accelerator.unwrap_model(update.model, keep_fp32_wrapper=False)
     result = _finish(cfg, vae.eval(), train_set, val_set, out_dir, accelerator.device, step,
                      train_seconds, write=accelerator.is_main_process)
+    if accelerator.is_main_process and trackers.names:
+        trackers.image(step, "reconstructions",
+                       reconstruction_grid(vae, val_set, accelerator.device))
+    trackers.close()
     accelerator.wait_for_everyone()
     return result
 
@@ -128,8 +136,17 @@ def _train(cfg: Config, accelerator, out_dir: Path, resume: bool, dataset) -> VA
 # ----------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class _Watch:
+    """What the trackers see during the loop: the numbers, and every train.sample_every
+    updates the held-out reconstructions (only when a tracker is on)."""
+
+    trackers: Trackers
+    val_set: object
+
+
 def _train_loop(cfg: Config, accelerator, update: VAEStep, budget: Budget, train_set,
-                out_dir: Path, step: int) -> int:
+                out_dir: Path, step: int, watch: _Watch) -> int:
     main = accelerator.is_main_process
     batches = infinite_loader(train_set, cfg.vae.batch_size, seed=cfg.train.seed,
                               start_step=step, num_workers=cfg.data.num_workers,
@@ -155,10 +172,15 @@ def _train_loop(cfg: Config, accelerator, update: VAEStep, budget: Budget, train
             values = dict(zip(losses, torch.stack(list(losses.values())).float().tolist()))
             shown = running.update(**values)
             bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()} | {"img/s": f"{ips:.1f}"})
+            logged = {**values, "lr": update.scheduler.get_last_lr()[0],
+                      "images_per_s": ips, **grad_norm_value(update.grad_norm)}
             if main:
-                logger.log(step, **values, lr=update.scheduler.get_last_lr()[0],
-                           images_per_s=ips,
-                           elapsed_s=budget.elapsed)
+                logger.log(step, **logged, elapsed_s=budget.elapsed)
+                watch.trackers.scalars(step, logged)
+        if main and watch.trackers.names and step % cfg.train.sample_every == 0:
+            model = update.ema if update.ema is not None else update.vae
+            watch.trackers.image(step, "reconstructions",
+                                 reconstruction_grid(model, watch.val_set, accelerator.device))
         if step % cfg.train.checkpoint_every == 0:
             _checkpoint(accelerator, out_dir, step, update, budget)
             saved_at = step
@@ -220,6 +242,19 @@ def _finish(cfg: Config, vae: AutoencoderKL, train_set, val_set, out_dir: Path, 
     return result
 
 
+@torch.no_grad()
+def reconstruction_grid(vae: AutoencoderKL, val_set, device):
+    """Held-out originals (upper row) above their reconstructions (the posterior's mean),
+    as one PIL image."""
+    from ldmkit.viz import image_grid
+
+    originals = torch.stack([val_set[i][0] for i in range(min(GRID_IMAGES, len(val_set)))])
+    was_training = vae.training
+    recon = vae.eval()(originals.to(device), sample_posterior=False)[0].float().cpu()
+    vae.train(was_training)
+    return image_grid(torch.cat([originals, recon]), nrow=len(originals))
+
+
 def _summary(run: VAERun) -> dict:
     return {"scale_factor": run.scale_factor, "steps": run.steps,
             "train_seconds": run.train_seconds, "skipped_items": run.skipped_items}
@@ -228,7 +263,7 @@ def _summary(run: VAERun) -> dict:
 @torch.no_grad()
 def _figures(cfg: Config, vae: AutoencoderKL, val_set, out_dir: Path, device) -> None:
     """Loss curves, held-out reconstructions and decoded random latents."""
-    from ldmkit.viz import plot_metrics, read_metrics, save_image_grid
+    from ldmkit.viz import plot_metrics, read_metrics, save_image, save_image_grid
 
     metrics = out_dir / "metrics.jsonl"
     plot_metrics(metrics, ["recon"], out_dir / "recon.png",
@@ -238,10 +273,7 @@ def _figures(cfg: Config, vae: AutoencoderKL, val_set, out_dir: Path, device) ->
     extra = [k for k in ("ssim", "ffl", "blur", "g_loss", "d_loss", "d_weight") if k in logged]
     if extra:  # the terms that were on (the GAN's only once it started)
         plot_metrics(metrics, extra, out_dir / "losses.png", "extra loss terms")
-    originals = torch.stack([val_set[i][0] for i in range(min(GRID_IMAGES, len(val_set)))])
-    recon = vae(originals.to(device), sample_posterior=False)[0].cpu()
-    save_image_grid(torch.cat([originals, recon]), out_dir / "reconstructions.png",
-                    nrow=len(originals))
+    save_image(reconstruction_grid(vae, val_set, device), out_dir / "reconstructions.png")
     z = torch.randn(16, cfg.vae.latent_channels, *vae.latent_size(cfg.data.image_size),
                     generator=torch.Generator().manual_seed(cfg.train.seed))
     save_image_grid(vae.decode_latents(z.to(device)).cpu(), out_dir / "samples.png", nrow=8)
