@@ -79,7 +79,8 @@ def test_an_unknown_sampler_falls_back_to_the_headline_and_says_so(client):
     assert "UniPC" in info["ldmkit"]["warnings"][0]
 
 
-BAD = [({"width": 512}, "width"), ({"height": 64, "width": 16}, "height"),
+BAD = [({"width": 0}, "width"), ({"height": -1, "width": 16}, "height"),
+       ({"width": 10**6}, "width"),
        ({"batch_size": 0}, "batch_size"), ({"n_iter": 0}, "n_iter"),
        ({"batch_size": 5, "n_iter": 4}, "batch_size"), ({"seed": -2}, "seed"),
        ({"seed": 2**63 - 1, "batch_size": 2}, "seed"), ({"steps": 0}, "steps"),
@@ -108,6 +109,16 @@ def test_the_probes_describe_the_one_model_and_our_samplers(client):
     other = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sdxl"})
     assert other.status_code == 422
     assert other.json()["detail"][0]["loc"][-1] == "sd_model_checkpoint"
+
+
+def test_another_size_gives_the_models_size_and_says_so(client):
+    """A1111's clients send their own default (512x512, 1024x1024) whatever the model:
+    the images are the model's size, the same as asked at it, and info says so."""
+    body = _txt2img(client, width=512, height=512).json()
+    info = json.loads(body["info"])
+    assert (info["width"], info["height"]) == (16, 16)
+    assert "512x512 asked" in info["ldmkit"]["warnings"][0]
+    assert body["images"] == _txt2img(client, width=16, height=16).json()["images"]
 
 
 def test_images_are_base64_pngs_of_the_model_size(client):

@@ -2,8 +2,8 @@
 LibreChat's SD tool, the `webuiapi` package):
 
     POST /sdapi/v1/txt2img      prompt, negative_prompt, steps, cfg_scale, seed (-1 =
-                                random), batch_size x n_iter, width/height (the model's
-                                size), sampler_name -> {"images", "parameters", "info"}
+                                random), batch_size x n_iter, width/height (the images
+                                are the model's size), sampler_name -> {"images", "parameters", "info"}
     GET  /sdapi/v1/sd-models, samplers, schedulers, options (and POST options), scripts
 
 As in A1111, image i of a request has seed `seed + i` (all in `info["all_seeds"]`), so
@@ -46,6 +46,9 @@ ERRORS = {400: BODY_UNREADABLE,
 A1111_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "dpmpp-2m": "DPM++ 2M"}
 ALIASES = {"euler a": "ddpm", "euler_a": "ddpm", "ancestral": "ddpm", "dpm++ 2m": "dpmpp-2m",
            "dpmpp_2m": "dpmpp-2m"}
+# A1111's clients often send their own default size (512, 1024) whatever the model: the
+# images are then the model's size, said in info's warnings, rather than an error
+MAX_SIDE = 8192
 SCHEDULE_SUFFIXES = (" karras", " exponential", " uniform", " sgm uniform", " automatic")
 
 
@@ -81,8 +84,9 @@ class Txt2ImgRequest(BaseModel):
     seed: int = Field(-1, description="-1 = random; image i gets seed + i")
     batch_size: int = 1
     n_iter: int = 1
-    width: int | None = Field(None, description="the model's image size")
-    height: int | None = Field(None, description="the model's image size")
+    width: int | None = Field(None, description="the images are the model's size whatever "
+                                                "is asked (another is said in info)")
+    height: int | None = Field(None, description="as width")
     sampler_name: str | None = None
     sampler_index: str | None = Field(None, description="A1111's older name for sampler_name")
 
@@ -105,11 +109,15 @@ def _checked(svc: ImageService, body: Txt2ImgRequest) -> tuple[list[SamplingArgs
     if count > MAX_IMAGES_PER_REQUEST:
         raise invalid("batch_size", f"batch_size x n_iter must be at most "
                       f"{MAX_IMAGES_PER_REQUEST} per request, got {count}")
-    size = svc.pipe.image_size
+    size, warnings = svc.pipe.image_size, []
     for name in ("width", "height"):
-        if getattr(body, name) not in (None, size):
-            raise invalid(name, f"this model makes {size}x{size} images: ask for "
-                          f"width={size}, height={size}, not {getattr(body, name)}")
+        value = getattr(body, name)
+        if value is not None and not 1 <= value <= MAX_SIDE:
+            raise invalid(name, f"must be in 1..{MAX_SIDE} (and the images are the model's "
+                          f"{size}x{size} whatever is asked), got {value}")
+    if (body.width or size, body.height or size) != (size, size):
+        warnings.append(f"{body.width}x{body.height} asked: this model makes {size}x{size} "
+                        "images, and these are that size")
     if body.seed < -1 or body.seed + count > SEED_LIMIT:
         raise invalid("seed", f"must be -1 (random) or in 0..2**63-{count + 1}, got {body.seed}")
     seed = body.seed if body.seed != -1 else secrets.randbelow(RANDOM_SEEDS)
@@ -117,7 +125,7 @@ def _checked(svc: ImageService, body: Txt2ImgRequest) -> tuple[list[SamplingArgs
     negative = body.negative_prompt or None
     args = [svc.args(body.prompt, negative, 1, body.steps, body.cfg_scale, sampler, seed + i,
                      body.guidance_rescale, names=NAMES) for i in range(count)]
-    return args, [warning] if warning else []
+    return args, warnings + ([warning] if warning else [])
 
 
 def _info(svc: ImageService, body: Txt2ImgRequest, args: list[SamplingArgs],

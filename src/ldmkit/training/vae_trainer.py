@@ -125,8 +125,8 @@ def _train(cfg: Config, accelerator, out_dir: Path, resume: bool, dataset) -> VA
         accelerator.unwrap_model(update.model, keep_fp32_wrapper=False)
     result = _finish(cfg, vae.eval(), train_set, val_set, out_dir, accelerator.device, step,
                      train_seconds, write=accelerator.is_main_process)
-    if accelerator.is_main_process and trackers.names:
-        trackers.image(step, "reconstructions",
+    if accelerator.is_main_process and trackers.names and step % cfg.train.sample_every:
+        trackers.image(step, "reconstructions",  # the last step, unless the loop logged it
                        reconstruction_grid(vae, val_set, accelerator.device))
     trackers.close()
     accelerator.wait_for_everyone()
