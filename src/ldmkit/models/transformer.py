@@ -121,6 +121,16 @@ class _PatchDenoiser(FolderModel):
             raise ValueError(f"latent size {tuple(x.shape[-2:])} is not divisible by "
                              f"unet.patch_size = {p}")
 
+    def _inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None):
+        """What every forward starts from: patch tokens and their grid, the caption in the
+        tokens' dtype, its key mask, the conditioning vector."""
+        self._check_size(x)
+        mask = key_mask_or_all(context_mask)
+        tokens, grid = self._tokens(x)
+        context = context.to(tokens.dtype)
+        return tokens, grid, context, mask, self._condition(t, context, mask, tokens.dtype)
+
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         h = self.patch_embed(x)
         grid = h.shape[-2:]
@@ -179,11 +189,7 @@ class DiT(_PatchDenoiser):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_size(x)
-        mask = key_mask_or_all(context_mask)
-        tokens, grid = self._tokens(x)
-        context = context.to(tokens.dtype)
-        cond = self._condition(t, context, mask, tokens.dtype)
+        tokens, grid, context, mask, cond = self._inputs(x, t, context, context_mask)
         for block in self.blocks:
             tokens = block(tokens, cond, context, mask)
         return self._output(tokens, cond, grid)
@@ -246,11 +252,7 @@ class MMDiT(_PatchDenoiser):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_size(x)
-        mask = key_mask_or_all(context_mask)
-        tokens, grid = self._tokens(x)
-        context = context.to(tokens.dtype)
-        cond = self._condition(t, context, mask, tokens.dtype)
+        tokens, grid, context, mask, cond = self._inputs(x, t, context, context_mask)
         txt = self.context_proj(context)
         joint = None
         if mask is not None:  # image tokens are always real keys
