@@ -228,3 +228,35 @@ def test_an_antialiased_mask_passes_and_a_mask_from_alpha_reads_transparency():
         warnings.simplefilter("error")
         with pytest.raises(SamplingArgumentError, match="mask: has no alpha channel"):
             prepare_edit(picture(), left_mask(), 1, SIZE, mask_from_alpha=True)
+
+
+# ----------------------------------------------------------------------------- ldmkit sample
+
+
+def test_sample_cli_img2img_and_inpainting(tmp_path, capsys):
+    from _tiny_model import make_tiny_model_dir
+    from ldmkit.cli import main
+
+    model = make_tiny_model_dir(tmp_path)
+    picture(5, size=32).save(tmp_path / "in.png")  # square, twice the size: resized
+    Image.fromarray(np.kron(array(left_mask()), np.ones((2, 2))).astype(np.uint8)).save(
+        tmp_path / "mask.png")
+    left_mask(24).save(tmp_path / "small_mask.png")
+    common = ["sample", "--model", str(model), "--prompt", "a red circle", "--n", "2",
+              "--steps", "4", "--init-image", str(tmp_path / "in.png")]
+    assert main(common + ["--strength", "0", "--out", str(tmp_path / "zero")]) == 0
+    assert "--init-image: resized from 32x32 to the model's 16x16" in capsys.readouterr().err
+    assert main(common + ["--mask", str(tmp_path / "mask.png"), "--progress",
+                          "--out", str(tmp_path / "inpaint")]) == 0
+    for name in ("zero/0000.png", "zero/0001.png", "zero/grid.png", "inpaint/0001.png",
+                 "inpaint/progress.png"):
+        assert (tmp_path / name).is_file(), name
+    for flags, message in ((["--strength", "2"], "--strength: must be a finite number"),
+                           (["--mask", str(tmp_path / "in.png")], "--mask: is not black and white"),
+                           (["--mask", str(tmp_path / "small_mask.png")],
+                            "--mask: is 24x24, not the image's 32x32"),
+                           (["--resample-steps", "3"], "--resample-steps: resamples")):
+        out = tmp_path / "bad"
+        assert main(common + flags + ["--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()

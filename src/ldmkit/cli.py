@@ -40,6 +40,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="coco split (train, val)")
 
 
+def _add_lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", metavar="DIR", default=None,
+                   help="a LoRA adapter folder (ldmkit train --init-from ... lora.rank=N)")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="the adapter's weight, 0 = the base model (default %(default)s)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge the adapter into the weights: sampling at the base's speed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldmkit", description="Train and run a text-to-image latent diffusion model.")
@@ -104,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-vae", help="stage 1: train the KL-VAE")
     p.add_argument("--out", default="runs/vae", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--init-from", metavar="DIR", default=None,
+                   help="fine-tune: start from this VAE (or model folder's vae/); its "
+                        "architecture must be the config's (vae.freeze_encoder=true trains "
+                        "the decoder only, docs/editing.md)")
     _add_config_args(p, required=True)
     p.set_defaults(handler="ldmkit.training.vae_trainer:cli_train_vae")
 
@@ -115,10 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="ldmkit.evaluation.vae_metrics:cli_evaluate_vae")
 
     p = sub.add_parser("train", help="stage 2: train the conditional U-Net (VAE frozen)")
-    p.add_argument("--vae", required=True, help="trained VAE folder")
+    p.add_argument("--vae", default=None,
+                   help="trained VAE folder (required unless --init-from gives one)")
     p.add_argument("--out", default="runs/diffusion", help="run directory")
     p.add_argument("--resume", action="store_true")
-    _add_config_args(p, required=True)
+    p.add_argument("--init-from", metavar="MODEL_DIR", default=None,
+                   help="fine-tune this model folder's denoiser (with [lora] rank > 0: a "
+                        "LoRA adapter on it), keeping its text encoder, schedule and "
+                        "geometry; without --config its settings are the run's")
+    _add_config_args(p)
     p.set_defaults(handler="ldmkit.training.diffusion_trainer:cli_train")
 
     p = sub.add_parser("cache", help="encode the dataset's latents and captions once, in "
@@ -145,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--progress", action="store_true", help="also write denoising frames")
+    p.add_argument("--init-image", metavar="FILE", default=None,
+                   help="img2img: start from this picture (square; resized to the model's "
+                        "size); with --mask, inpaint it")
+    p.add_argument("--strength", type=float, default=None,
+                   help="how much of --init-image to redraw, 0..1: 0 = its VAE round trip, "
+                        "1 = text-to-image (default 0.8; 1 with --mask)")
+    p.add_argument("--mask", metavar="FILE", default=None,
+                   help="inpainting: white = repaint, black = keep (the picture's size)")
+    p.add_argument("--mask-feather", type=int, default=1,
+                   help="latent cells over which the mask's edge blends (default %(default)s)")
+    p.add_argument("--resample-steps", type=int, default=0,
+                   help="RePaint passes per inpainting step (default %(default)s)")
+    p.add_argument("--vae", metavar="DIR", default=None,
+                   help="decode with this VAE folder instead of the model's (same latents, "
+                        "e.g. a decoder fine-tune)")
+    _add_lora_args(p)
     _add_device_arg(p)
     p.set_defaults(handler="ldmkit.sample:cli_sample")
 

@@ -125,6 +125,10 @@ class VAEConfig(VAEArchitecture):
                                                      "0 = off")
     adam_beta1: float = _opt(0.9, lo=0.0, hi=1.0, doc="Adam's beta1 (LDM's VAE: 0.5)")
     adam_beta2: float = _opt(0.999, lo=0.0, hi=1.0, doc="Adam's beta2 (LDM's VAE: 0.9)")
+    freeze_encoder: bool = _opt(False, doc="train-vae --init-from: train the decoder only, "
+                                           "so the latent space a denoiser was trained on "
+                                           "stays exactly as it was (as Stability's "
+                                           "ft-MSE VAE fine-tune)")
     include_heldout: bool = _opt(False, doc="shapes data: the VAE also trains on images of "
                                             "the held-out pairs (images only; the U-Net "
                                             "never sees those pairs)")

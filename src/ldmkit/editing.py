@@ -46,6 +46,12 @@ class EditInputs:
     resample_steps: int = 0
     mask_feather: int = 1
 
+    def repeat(self, n: int) -> EditInputs:
+        """One picture (and mask) made the edit of n images."""
+        masks = None if self.masks is None else self.masks[:1].expand(n, -1, -1, -1)
+        return EditInputs(self.images[:1].expand(n, -1, -1, -1), masks, self.strength,
+                          self.resample_steps, self.mask_feather)
+
     def rows(self, start: int, stop: int) -> EditInputs:
         masks = None if self.masks is None else self.masks[start:stop]
         return EditInputs(self.images[start:stop], masks, self.strength,

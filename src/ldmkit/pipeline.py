@@ -12,6 +12,7 @@ The model directory (like a diffusers repo, loaded without executing anything fr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from ldmkit.models.vae import AutoencoderKL
 from ldmkit.sampling_args import (
     CHUNK,
     NonFiniteOutputError,
+    SamplingArgumentError,
     check_count,
     check_eta,
     check_guidance,
@@ -47,6 +49,7 @@ REQUIRED_FILES = ("model_index.json", "scheduler.json", "text_encoder.json",
                   "vae/config.json", "vae/model.safetensors",
                   "unet/config.json", "unet/model.safetensors")
 # Formats that unpickle (run code) when loaded: a folder holding one is refused outright.
+LORA_SCALE_MAX = 4.0
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -68,6 +71,7 @@ class TextToImagePipeline:
         self.text_encoder, self.schedule = text_encoder, schedule
         self.prediction, self.x0_clamp = prediction, x0_clamp
         self.image_size = image_size or vae.image_size or 64
+        self.lora: dict | None = None  # the loaded adapter's record (load_lora)
 
     @property
     def device(self) -> torch.device:
@@ -77,6 +81,13 @@ class TextToImagePipeline:
         """The same pipeline around other U-Net weights (e.g. a training snapshot), moved
         to this pipeline's device and put through the constructor's fit checks again."""
         return TextToImagePipeline(self.vae, unet.to(self.device), self.text_encoder,
+                                   self.schedule, self.prediction, self.x0_clamp,
+                                   self.image_size)
+
+    def with_vae(self, vae: AutoencoderKL) -> TextToImagePipeline:
+        """The same pipeline decoding (and encoding) with another VAE of the same latent
+        space, e.g. a decoder fine-tune (`train-vae --init-from`, vae.freeze_encoder)."""
+        return TextToImagePipeline(vae.to(self.device).eval(), self.unet, self.text_encoder,
                                    self.schedule, self.prediction, self.x0_clamp,
                                    self.image_size)
 
@@ -244,6 +255,50 @@ class TextToImagePipeline:
             images += to_pil(self.decode(latents))
         return images
 
+    # ------------------------------------------------------------------ LoRA (models/lora.py)
+
+    def load_lora(self, directory: str | Path, scale: float = 1.0,
+                  verify_base: bool = True) -> TextToImagePipeline:
+        """Add a LoRA adapter folder to the denoiser at `scale` (0 = the base model). An
+        adapter for another model (other geometry or, with `verify_base`, other base
+        weights) is refused with a UserError naming the difference."""
+        from ldmkit.models import lora
+
+        check_lora_scale(scale)
+        self.lora = lora.load_lora(self.unet, directory, scale, verify_base)
+        self.lora["path"] = str(directory)
+        return self
+
+    def set_lora_scale(self, scale: float) -> None:
+        from ldmkit.models import lora
+
+        lora.set_lora_scale(self._lora_unet(), check_lora_scale(scale))
+
+    def merge_lora(self) -> None:
+        """Fold the adapter into the weights (sampling at the base model's speed)."""
+        from ldmkit.models import lora
+
+        lora.merge_lora(self._lora_unet())
+
+    def unmerge_lora(self) -> None:
+        from ldmkit.models import lora
+
+        lora.unmerge_lora(self._lora_unet())
+
+    def unload_lora(self) -> None:
+        """Remove the adapter: the denoiser is the base model again."""
+        from ldmkit.models import lora
+
+        lora.unload_lora(self._lora_unet())
+        self.lora = None
+
+    def _lora_unet(self):
+        from ldmkit.models.lora import has_lora
+
+        if not has_lora(self.unet):
+            raise UserError("no LoRA adapter is loaded (load_lora first)")
+        return self.unet
+
     # ------------------------------------------------------------------ folder format
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -326,6 +381,16 @@ def _device_generator(generator: torch.Generator | None, device: torch.device
         return generator
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     return torch.Generator(device).manual_seed(seed)
+
+
+def check_lora_scale(value: object, field: str = "scale") -> float:
+    """A LoRA scale: finite, 0..LORA_SCALE_MAX (past a few times the trained weight an
+    adapter only distorts)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or not 0.0 <= value <= LORA_SCALE_MAX:
+        raise SamplingArgumentError(field, f"must be a finite number in 0..{LORA_SCALE_MAX:g}, "
+                                    f"got {value!r:.40}")
+    return float(value)
 
 
 def check_finite(values: torch.Tensor, what: str) -> torch.Tensor:

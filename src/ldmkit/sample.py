@@ -68,7 +68,7 @@ def cli_sample(args: argparse.Namespace) -> int:
     writing each chunk's files as it finishes (any n runs in bounded memory)."""
     device = resolve_device(args.device)
     out = check_output_dir(args.out)
-    pipe = TextToImagePipeline.from_pretrained(args.model, device)
+    pipe = _adapted(TextToImagePipeline.from_pretrained(args.model, device), args)
     try:
         request = SamplingArgs(args.prompt, args.negative_prompt, args.n, args.steps,
                                args.guidance, args.sampler, args.seed,
@@ -80,6 +80,7 @@ def cli_sample(args: argparse.Namespace) -> int:
     if cut:
         print(f"ldmkit: warning: --prompt is {cut} tokens longer than the text encoder's "
               f"{pipe.text_encoder.max_length}; its tail is ignored", file=sys.stderr)
+    edit = _edit_inputs(args, pipe)  # checked, like everything, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(request.seed)
     kwargs = {"negative_prompt": request.negative_prompt,
@@ -91,7 +92,10 @@ def cli_sample(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", PromptTruncatedWarning)
         for start in range(0, request.n, CHUNK):
             prompts = [request.prompt] * min(CHUNK, request.n - start)
-            if args.progress and start == 0:  # the frames of the first chunk's images
+            if edit is not None:
+                images = _edited(pipe, prompts, edit, kwargs, out if args.progress and
+                                 start == 0 else None)
+            elif args.progress and start == 0:  # the frames of the first chunk's images
                 images, frames = sample_with_frames(pipe, prompts, **kwargs)
                 write_progress(frames, images, out)
             else:
@@ -104,3 +108,69 @@ def cli_sample(args: argparse.Namespace) -> int:
     shown = "" if len(grid) == request.n else f" (the first {len(grid)})"
     print(f"wrote {request.n} images and grid.png{shown} to {out}")
     return 0
+
+
+# ----------------------------------------------------------------------------- edits, adapters
+
+EDIT_FLAGS = {"image": "--init-image", "mask": "--mask", "strength": "--strength",
+              "resample_steps": "--resample-steps", "mask_feather": "--mask-feather"}
+
+
+def _adapted(pipe: TextToImagePipeline, args: argparse.Namespace) -> TextToImagePipeline:
+    """--vae (another decoder of the same latents) and --lora / --lora-scale / --merge."""
+    if getattr(args, "vae", None):
+        from ldmkit.models.vae import AutoencoderKL
+
+        pipe = pipe.with_vae(AutoencoderKL.from_pretrained(args.vae, pipe.device))
+    if getattr(args, "lora", None):
+        load_adapter(pipe, args.lora, args.lora_scale, args.merge)
+    elif getattr(args, "merge", False):
+        raise SamplingArgumentError("--merge", "merges a LoRA adapter: give --lora DIR")
+    return pipe
+
+
+def load_adapter(pipe: TextToImagePipeline, directory: str, scale: float, merge: bool) -> None:
+    """The adapter at `scale` (flag names in errors), merged into the weights if asked
+    (ldmkit sample and ldmkit serve)."""
+    try:
+        pipe.load_lora(directory, scale)
+    except SamplingArgumentError as exc:
+        raise SamplingArgumentError("--lora-scale", exc.reason) from None
+    if merge:
+        pipe.merge_lora()
+
+
+def _edit_inputs(args: argparse.Namespace, pipe: TextToImagePipeline):
+    """The checked --init-image / --mask / --strength, or None for text-to-image."""
+    from ldmkit.edit_inputs import ImageResizedWarning
+    from ldmkit.editing import prepare_edit
+
+    if args.init_image is None and args.mask is None and args.strength is None:
+        for flag in ("resample_steps", "mask_feather"):  # no edit: nothing they apply to
+            if getattr(args, flag) != {"resample_steps": 0, "mask_feather": 1}[flag]:
+                raise SamplingArgumentError(EDIT_FLAGS[flag], "applies to --init-image")
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ImageResizedWarning)
+        edit = prepare_edit(args.init_image, args.mask, 1, pipe.image_size, args.strength,
+                            args.resample_steps, args.mask_feather, fields=EDIT_FLAGS)
+    for warning in caught:
+        print(f"ldmkit: warning: {warning.message}", file=sys.stderr)
+    return edit
+
+
+def _edited(pipe: TextToImagePipeline, prompts: list[str], edit, kwargs: dict,
+            progress_dir: Path | None) -> torch.Tensor:
+    """The chunk's edited images; with `progress_dir`, also its frames."""
+    from ldmkit.diffusion.editing import steps_run
+
+    rows = edit.repeat(len(prompts))
+    recorder = None
+    if progress_dir is not None:
+        recorder = FrameRecorder(max(1, steps_run(kwargs["num_inference_steps"],
+                                                  edit.strength)))
+    images = pipe.edit_images(prompts, rows, callback=recorder, **kwargs)
+    if recorder is not None:
+        write_progress([(t, pipe.decode(x0)) for t, x0 in recorder.frames], images,
+                       progress_dir)
+    return images

@@ -30,6 +30,14 @@ COLORS: dict[str, tuple[int, int, int]] = {  # hues ~0, 125, 225, 55, 280, 33 de
     "purple": (145, 40, 200),
     "orange": (255, 135, 0),
 }
+# Colours a model can be taught later (data.extra_colors): never drawn unless asked for,
+# so the demo data stays what it was. Pink sits at hue ~330, between purple and red.
+EXTRA_COLORS: dict[str, tuple[int, int, int]] = {
+    "pink": (255, 105, 180),
+    "cyan": (0, 190, 210),
+    "brown": (140, 85, 35),
+}
+ALL_COLORS = {**COLORS, **EXTRA_COLORS}
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "center")
@@ -83,12 +91,17 @@ def parse_heldout(pairs) -> frozenset[tuple[str, str]]:
 
 
 def sample_scene(rng: np.random.Generator, two_object_fraction: float = 0.5,
-                 exclude: frozenset[tuple[str, str]] = frozenset()) -> Scene:
-    """A random scene whose objects avoid the excluded (colour, shape) pairs."""
+                 exclude: frozenset[tuple[str, str]] = frozenset(),
+                 extra_colors: Sequence[str] = (), extra_fraction: float = 0.5) -> Scene:
+    """A random scene whose objects avoid the excluded (colour, shape) pairs. With
+    `extra_colors`, each object takes one of them with probability `extra_fraction`
+    (without, the draws are exactly those of the six-colour data)."""
     pairs = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in exclude]
+    extra = [(c, s) for c in extra_colors for s in SHAPES]
 
     def draw(position: str, avoid: tuple[str, str] | None = None) -> ShapeObject:
-        choices = [p for p in pairs if p != avoid]
+        pool = extra if extra and rng.random() < extra_fraction else pairs
+        choices = [p for p in pool if p != avoid]
         color, shape = choices[rng.integers(len(choices))]
         return ShapeObject(color, shape, SIZES[rng.integers(len(SIZES))], position)
 
@@ -121,7 +134,7 @@ def render_scene(scene: Scene, size: int, rng: np.random.Generator | None = None
                 fx += rng.uniform(-_POSITION_JITTER, _POSITION_JITTER)
                 fy += rng.uniform(-_POSITION_JITTER, _POSITION_JITTER)
             radius *= 1 + rng.uniform(-_RADIUS_JITTER, _RADIUS_JITTER)
-        _draw_shape(draw, obj.shape, fx * big, fy * big, radius * big, COLORS[obj.color])
+        _draw_shape(draw, obj.shape, fx * big, fy * big, radius * big, ALL_COLORS[obj.color])
     return canvas.resize((size, size), Image.LANCZOS)
 
 
@@ -313,9 +326,15 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __init__(self, image_size: int = 64, num_items: int = 20000, seed: int = 0,
                  two_object_fraction: float = 0.5,
                  heldout=("purple triangle", "orange circle"), include_heldout: bool = False,
-                 split: str = "train"):
+                 split: str = "train", extra_colors: Sequence[str] = (),
+                 extra_color_fraction: float = 0.5):
         if split not in SPLIT_CODES:
             raise UserError(f"shapes split {split!r} is not one of {', '.join(SPLIT_CODES)}")
+        unknown = [c for c in extra_colors if c not in EXTRA_COLORS]
+        if unknown:
+            raise UserError(f"data.extra_colors: {unknown} not among {', '.join(EXTRA_COLORS)}")
+        self.extra_colors = tuple(extra_colors)
+        self.extra_color_fraction = float(extra_color_fraction)
         self.image_size = int(image_size)
         self.num_items = int(num_items)
         self.seed = int(seed)
@@ -333,7 +352,8 @@ class ShapesDataset(torch.utils.data.Dataset):
                    num_items=data_cfg.val_items if split == "val" else data_cfg.num_items,
                    seed=data_cfg.seed, two_object_fraction=data_cfg.two_object_fraction,
                    heldout=tuple(data_cfg.heldout), include_heldout=include_heldout,
-                   split=split)
+                   split=split, extra_colors=tuple(data_cfg.extra_colors),
+                   extra_color_fraction=data_cfg.extra_color_fraction)
 
     def __len__(self) -> int:
         return self.num_items
@@ -345,7 +365,8 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def _draw_scene(self, rng: np.random.Generator) -> Scene:
         exclude = frozenset() if self.include_heldout else self.heldout
-        return sample_scene(rng, self.two_object_fraction, exclude)
+        return sample_scene(rng, self.two_object_fraction, exclude, self.extra_colors,
+                            self.extra_color_fraction)
 
     def scene(self, i: int) -> Scene:
         return self._draw_scene(self._rng(i))

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ldmkit.config import Config
+from ldmkit.errors import UserError
 from ldmkit.io import write_json_atomic
 from ldmkit.models.denoiser import FolderModel, build_denoiser
 from ldmkit.models.text import TextEncoder
@@ -56,10 +57,26 @@ from ldmkit.training.trackers import Trackers, accelerator_kwargs, grad_norm_val
 
 
 def cli_train(args: argparse.Namespace) -> int:
-    run = train_diffusion(args.cfg, Path(args.vae), Path(args.out), resume=args.resume)
+    from ldmkit.training.init_from import fine_tune_config
+
+    init_from = Path(args.init_from) if args.init_from else None
+    cfg = args.cfg
+    if init_from is not None:  # the model's own config, or the given one checked against it
+        cfg = fine_tune_config(None if args.config is None else cfg, init_from, args.overrides)
+    elif args.config is None:
+        raise UserError("ldmkit train: --config FILE is required (or --init-from MODEL_DIR)")
+    vae = args.vae or (init_from / "vae" if init_from else None)
+    if vae is None:
+        raise UserError("ldmkit train: --vae VAE_DIR is required (or --init-from MODEL_DIR, "
+                        "whose vae/ is then used)")
+    run = train_diffusion(cfg, Path(vae), Path(args.out), resume=args.resume,
+                          init_from=init_from)
     if is_main_process():
         print(f"model saved to {run.model_dir}  (try: ldmkit sample --model {run.model_dir} "
               f"--prompt 'a red circle' --out samples)")
+        if run.adapter_dir is not None:
+            print(f"LoRA adapter saved to {run.adapter_dir}  (ldmkit sample --model "
+                  f"{init_from} --lora {run.adapter_dir} ...)")
     return 0
 
 
@@ -84,24 +101,32 @@ class DiffusionRun:
     snapshots: list[Snapshot] = field(default_factory=list)
     world_size: int = 1  # processes that trained together
     images_seen: int = 0  # steps x batch_size x grad_accum_steps x world_size
+    adapter_dir: Path | None = None  # a LoRA run's adapter folder
 
 
 def train_diffusion(cfg: Config, vae_dir: Path, out_dir: Path, resume: bool = False,
                     dataset=None, text: TextEncoder | None = None,
-                    snapshot_at: tuple[float, ...] = ()) -> DiffusionRun:
+                    snapshot_at: tuple[float, ...] = (),
+                    init_from: Path | None = None) -> DiffusionRun:
     """Train (or resume) the U-Net in `out_dir` and save the pipeline folder there.
     `dataset` / `text` let a caller (the demo) reuse ones it already built; `snapshot_at`
-    lists fractions of the budget at which to keep a copy of the EMA weights."""
+    lists fractions of the budget at which to keep a copy of the EMA weights.
+    `init_from`: a model folder to fine-tune (its denoiser's weights; with [lora] rank > 0
+    an adapter on them, saved as out_dir/lora beside the merged model)."""
+    if cfg.lora.rank and init_from is None:
+        raise UserError(f"lora.rank = {cfg.lora.rank} trains an adapter on a trained model: "
+                        "give --init-from MODEL_DIR")
     out_dir = Path(out_dir)
     accelerator = make_accelerator(cfg.train.mixed_precision,
                                    **accelerator_kwargs(cfg.train.report_to, out_dir))
     with run_folder_lock(accelerator, out_dir):
         return _train(cfg, accelerator, Path(vae_dir), out_dir, resume, dataset, text,
-                      snapshot_at)
+                      snapshot_at, init_from)
 
 
 def _train(cfg: Config, accelerator, vae_dir: Path, out_dir: Path, resume: bool, dataset,
-           text: TextEncoder | None, snapshot_at: tuple[float, ...]) -> DiffusionRun:
+           text: TextEncoder | None, snapshot_at: tuple[float, ...],
+           init_from: Path | None = None) -> DiffusionRun:
     from ldmkit.data import build_dataset
 
     ckpt = previous_checkpoint(out_dir / "checkpoints", resume)
@@ -111,7 +136,12 @@ def _train(cfg: Config, accelerator, vae_dir: Path, out_dir: Path, resume: bool,
     text = text or TextEncoder.from_config(cfg.text, device)
     dataset = dataset if dataset is not None else build_dataset(cfg.data, "train")
 
-    unet = build_denoiser(cfg.unet, vae.config.latent_channels, text.hidden_size).to(device)
+    unet = build_denoiser(cfg.unet, vae.config.latent_channels, text.hidden_size)
+    if init_from is not None:
+        from ldmkit.training.init_from import start_from_model
+
+        start_from_model(unet, cfg, init_from, vae.config.latent_channels)
+    unet = unet.to(device)
     budget = Budget(cfg.train.steps, cfg.train.minutes,
                     elapsed=ckpt.extra.get("elapsed", 0.0) if ckpt else 0.0)
     trainer = DiffusionStep(unet, cfg, text.null(), accelerator,
@@ -130,13 +160,14 @@ def _train(cfg: Config, accelerator, vae_dir: Path, out_dir: Path, resume: bool,
                                trainer.step, accelerator)
     budget.restart_clock()  # the one-off cache build does not eat the training minutes
 
-    run = _Run(cfg, accelerator, trainer, budget, text, vae, out_dir)
+    run = _Run(cfg, accelerator, trainer, budget, text, vae, out_dir, init_from)
     snapshots = run.loop(batches, snapshot_at)
     accelerator.wait_for_everyone()
     world = accelerator.num_processes
     result = DiffusionRun(out_dir / "model", trainer.step, budget.elapsed,
                           int(getattr(dataset, "skipped", 0)), snapshots, world,
-                          trainer.step * _images_per_update(cfg, world))
+                          trainer.step * _images_per_update(cfg, world),
+                          out_dir / "lora" if cfg.lora.rank else None)
     if accelerator.is_main_process:
         run.finish(result)
     run.trackers.close()
@@ -153,9 +184,10 @@ class _Run:
     grids, snapshots, the final save. Built only by `train_diffusion`."""
 
     def __init__(self, cfg: Config, accelerator, trainer: DiffusionStep, budget: Budget,
-                 text: TextEncoder, vae: AutoencoderKL, out_dir: Path):
+                 text: TextEncoder, vae: AutoencoderKL, out_dir: Path,
+                 init_from: Path | None = None):
         self.cfg, self.acc, self.trainer, self.budget = cfg, accelerator, trainer, budget
-        self.text, self.vae, self.out_dir = text, vae, out_dir
+        self.text, self.vae, self.out_dir, self.init_from = text, vae, out_dir, init_from
         self.trackers = Trackers(accelerator, cfg, out_dir, "unet", trainer.step)
 
     def loop(self, batches, snapshot_at: tuple[float, ...]) -> list[Snapshot]:
@@ -240,7 +272,13 @@ class _Run:
     def finish(self, result: DiffusionRun) -> None:
         from ldmkit.viz import plot_metrics
 
-        self.pipeline().save_pretrained(result.model_dir)
+        pipe = self.pipeline()
+        if result.adapter_dir is not None:  # the adapter, and the model with it merged in
+            from ldmkit.models.lora import merged_copy, save_lora
+
+            save_lora(self.trainer.ema, result.adapter_dir, {"model": str(self.init_from)})
+            pipe = pipe.with_unet(merged_copy(self.trainer.ema))
+        pipe.save_pretrained(result.model_dir)
         plot_metrics(self.out_dir / "metrics.jsonl", ["loss"], self.out_dir / "loss.png",
                      f"diffusion loss ({self.cfg.diffusion.objective}-prediction)")
         if self.cfg.train.validation_prompts:

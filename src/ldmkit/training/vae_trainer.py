@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ldmkit.config import Config
+from ldmkit.errors import UserError
 from ldmkit.io import write_json_atomic
 from ldmkit.models.vae import AutoencoderKL
 from ldmkit.training.checkpoint import (
@@ -75,23 +76,34 @@ class VAERun:
 
 
 def cli_train_vae(args: argparse.Namespace) -> int:
-    run = train_vae(args.cfg, Path(args.out), resume=args.resume)
+    cfg, init_from = args.cfg, getattr(args, "init_from", None)
+    if init_from:
+        from ldmkit.training.init_from import vae_fine_tune_config
+
+        cfg = vae_fine_tune_config(cfg, init_from)
+    run = train_vae(cfg, Path(args.out), resume=args.resume, init_from=init_from)
     if is_main_process():
         print(f"VAE saved to {run.model_dir}")
     return 0
 
 
-def train_vae(cfg: Config, out_dir: Path, resume: bool = False, dataset=None) -> VAERun:
+def train_vae(cfg: Config, out_dir: Path, resume: bool = False, dataset=None,
+              init_from: str | Path | None = None) -> VAERun:
     """Train (or resume) a VAE run in `out_dir` and save the model folder there.
-    `dataset` lets a caller (the demo) pass a training set it already built."""
+    `dataset` lets a caller (the demo) pass a training set it already built. `init_from`
+    (a VAE or model folder) starts from its weights: a fine-tune (training/init_from.py;
+    with vae.freeze_encoder only the decoder trains)."""
+    if cfg.vae.freeze_encoder and not init_from:
+        raise UserError("vae.freeze_encoder keeps a trained encoder: give --init-from DIR")
     out_dir = Path(out_dir)
     accelerator = make_accelerator(cfg.train.mixed_precision,
                                    **accelerator_kwargs(cfg.train.report_to, out_dir))
     with run_folder_lock(accelerator, out_dir):
-        return _train(cfg, accelerator, out_dir, resume, dataset)
+        return _train(cfg, accelerator, out_dir, resume, dataset, init_from)
 
 
-def _train(cfg: Config, accelerator, out_dir: Path, resume: bool, dataset) -> VAERun:
+def _train(cfg: Config, accelerator, out_dir: Path, resume: bool, dataset,
+           init_from: str | Path | None = None) -> VAERun:
     from ldmkit.data import build_dataset, build_vae_dataset
 
     ckpt = previous_checkpoint(out_dir / "checkpoints", resume)
@@ -100,6 +112,10 @@ def _train(cfg: Config, accelerator, out_dir: Path, resume: bool, dataset) -> VA
     val_set = build_dataset(cfg.data, "val")
 
     vae = AutoencoderKL(cfg.vae, image_size=cfg.data.image_size)
+    if init_from:
+        from ldmkit.training.init_from import init_vae
+
+        init_vae(vae, init_from, cfg.vae.freeze_encoder)
     budget = Budget(cfg.vae.steps, cfg.vae.minutes,
                     elapsed=ckpt.extra.get("elapsed", 0.0) if ckpt else 0.0)
     update = VAEStep(vae, cfg, progress=budget.progress if cfg.vae.minutes else None)
