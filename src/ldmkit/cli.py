@@ -40,13 +40,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="coco split (train, val)")
 
 
-def _add_lora_args(p: argparse.ArgumentParser) -> None:
+def _add_lora_args(p: argparse.ArgumentParser, merge_flag: bool = True) -> None:
     p.add_argument("--lora", metavar="DIR", default=None,
-                   help="a LoRA adapter folder (ldmkit train --init-from ... lora.rank=N)")
+                   help="a LoRA adapter folder (ldmkit train --init-from ... lora.rank=N)"
+                        + ("" if merge_flag else "; merged into the weights at start"))
     p.add_argument("--lora-scale", type=float, default=1.0,
                    help="the adapter's weight, 0 = the base model (default %(default)s)")
-    p.add_argument("--merge", action="store_true",
-                   help="merge the adapter into the weights: sampling at the base's speed")
+    if merge_flag:
+        p.add_argument("--merge", action="store_true",
+                       help="merge the adapter into the weights: sampling at the base's speed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a --host beyond this machine (e.g. 0.0.0.0) without a key")
     p.add_argument("--model-id", default="ldmkit",
                    help="the model's name in the OpenAI and A1111 APIs (default %(default)s)")
+    _add_lora_args(p, merge_flag=False)  # one adapter for every request: always merged
     p.set_defaults(handler="ldmkit.server.app:cli_serve")
 
     p = sub.add_parser("evaluate", help="judge prompt fidelity of a model on the shapes data")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldmkit.data.transforms import BadImageError, _to_rgb, pil_to_tensor
 from ldmkit.sampling_args import SamplingArgumentError
@@ -49,6 +49,9 @@ def open_image(value: ImageInput, field: str) -> Image.Image:
             with Image.open(io.BytesIO(value)) as im:
                 im.load()
                 return im.copy()
+        except UnidentifiedImageError:  # its message names a BytesIO object, not the bytes
+            raise SamplingArgumentError(field, f"not a readable image ({len(value)} bytes "
+                                        "that are no PNG, JPEG, WebP, ... file)") from None
         except Exception as exc:  # PIL raises many kinds for bad bytes
             raise SamplingArgumentError(field, f"not a readable image ({exc})") from None
     raise SamplingArgumentError(field, f"must be a PIL image, a file path or image bytes, "

@@ -94,6 +94,35 @@ def prepare_edit(image, mask, n: int, size: int, strength: float | None = None,
     return EditInputs(images, masks, strength, resample_steps, mask_feather)
 
 
+@dataclass
+class EditStart:
+    """Where an edit's sampler starts: state `x` at grid level `first`, the pictures'
+    latents, and the latent masks (None for img2img)."""
+
+    x: torch.Tensor
+    known: torch.Tensor | None  # None: text-to-image rows (the server's batcher)
+    lmask: torch.Tensor | None
+    first: int
+
+    @property
+    def held(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`denoise`'s `known` argument: the region an inpainting run keeps."""
+        return None if self.lmask is None else (self.known, self.lmask)
+
+
+@torch.no_grad()
+def edit_start(pipe, edit: EditInputs, noise: torch.Tensor, steps: int) -> EditStart:
+    """Encode the pictures and noise them to the strength's level (one row per picture);
+    the pipeline and the server's batcher both start an edit here."""
+    known = pipe.encode_images(edit.images)
+    first = start_index(steps, edit.strength)
+    x = noised_start(pipe.schedule, steps, first, known, noise.to(known.device))
+    lmask = None
+    if edit.masks is not None:
+        lmask = latent_mask(edit.masks.to(known.device), pipe.vae.factor, edit.mask_feather)
+    return EditStart(x, known, lmask, first)
+
+
 @torch.no_grad()
 def edit_latents(pipe, prompts: Sequence[str], edit: EditInputs,
                  negative_prompt: str | None, steps: int, guidance_scale: float,
@@ -108,19 +137,14 @@ def edit_latents(pipe, prompts: Sequence[str], edit: EditInputs,
         part = list(prompts[start:start + CHUNK])
         rows = edit.rows(start, start + len(part))
         cond, uncond = pipe.conditioning(part, negative_prompt)
-        noise = pipe.initial_noise(len(part), generator)
-        known = pipe.encode_images(rows.images)
-        first = start_index(steps, edit.strength)
-        x = noised_start(pipe.schedule, steps, first, known, noise.to(known.device))
-        held = None
-        if rows.masks is not None:
-            lmask = latent_mask(rows.masks.to(known.device), pipe.vae.factor, edit.mask_feather)
-            held = (known, lmask)
-            lmasks.append(lmask.cpu())
-        outs.append(pipe.denoise(x, cond, uncond, steps, guidance_scale, sampler, generator,
-                                 callback, eta, guidance_rescale, bf16=bf16, start=first,
-                                 known=held, resample=edit.resample_steps))
-        knowns.append(known)
+        begin = edit_start(pipe, rows, pipe.initial_noise(len(part), generator), steps)
+        if begin.lmask is not None:
+            lmasks.append(begin.lmask.cpu())
+        outs.append(pipe.denoise(begin.x, cond, uncond, steps, guidance_scale, sampler,
+                                 generator, callback, eta, guidance_rescale, bf16=bf16,
+                                 start=begin.first, known=begin.held,
+                                 resample=edit.resample_steps))
+        knowns.append(begin.known)
     return torch.cat(outs), torch.cat(knowns), (torch.cat(lmasks) if lmasks else None)
 
 

@@ -3,13 +3,18 @@ LibreChat's SD tool, the `webuiapi` package):
 
     POST /sdapi/v1/txt2img      prompt, negative_prompt, steps, cfg_scale, seed (-1 =
                                 random), batch_size x n_iter, width/height (the images
-                                are the model's size), sampler_name -> {"images", "parameters", "info"}
-    GET  /sdapi/v1/sd-models, samplers, schedulers, options (and POST options), scripts
+                                are the model's size), sampler_name
+                                -> {"images", "parameters", "info"}
+    POST /sdapi/v1/img2img      the same + init_images (base64), denoising_strength,
+                                mask (base64, white = repaint), inpainting_mask_invert
+    GET  /sdapi/v1/sd-models, loras, samplers, schedulers, options (and POST options),
+         scripts
 
 As in A1111, image i of a request has seed `seed + i` (all in `info["all_seeds"]`), so
-each image alone is `ldmkit sample --n 1 --seed SEED+i`. Fields of A1111's that change
-nothing here (hires fix, face restoration, scripts...) are accepted and ignored, as
-A1111's clients send all of them. Errors are FastAPI's `detail`, as A1111's own are.
+each image alone is `ldmkit sample --n 1 --seed SEED+i` (with `--init-image` for
+img2img: image i starts from init_images[i % len(init_images)]). Fields of A1111's that
+change nothing here (hires fix, face restoration, scripts...) are accepted and ignored,
+as A1111's clients send all of them. Errors are FastAPI's `detail`, as A1111's own are.
 """
 
 from __future__ import annotations
@@ -20,17 +25,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import Response
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from ldmkit import __version__
 from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
-from ldmkit.sampling_args import SEED_LIMIT, SamplingArgs
+from ldmkit.edit_inputs import open_image
+from ldmkit.editing import EditInputs
+from ldmkit.sampling_args import SEED_LIMIT, SamplingArgs, SamplingArgumentError
 from ldmkit.server.auth import require_key
 from ldmkit.server.errors import BODY_UNREADABLE, NativeRoute
 from ldmkit.server.service import (
     MAX_IMAGES_PER_REQUEST,
     RANDOM_SEEDS,
     ImageService,
+    decode_base64,
     invalid,
 )
 
@@ -91,6 +100,22 @@ class Txt2ImgRequest(BaseModel):
     sampler_index: str | None = Field(None, description="A1111's older name for sampler_name")
 
 
+class Img2ImgRequest(Txt2ImgRequest):
+    """txt2img's fields and the picture(s) to start from; with `mask`, inpainting."""
+
+    init_images: list[str] = Field(description="base64 images (a data: URL prefix is "
+                                   "fine); one for all images, or one per image of the batch")
+    denoising_strength: float | None = Field(None, description="0..1 (default 0.8, 1 with "
+                                             "a mask); 0 = the picture's VAE round trip")
+    mask: str | None = Field(None, description="base64, the pictures' size: white = "
+                             "repaint, black = keep (RGBA: the opaque pixels, as A1111)")
+    inpainting_mask_invert: int = Field(0, description="1 = black is repainted")
+    include_init_images: bool = Field(False, description="echo init_images and mask in "
+                                      "`parameters`")
+    resample_steps: int | None = Field(None, description="ldmkit's: RePaint passes")
+    mask_feather: int | None = Field(None, description="ldmkit's: latent cells of soft edge")
+
+
 class Txt2ImgResponse(BaseModel):
     images: list[str] = Field(description="base64-encoded PNGs")
     parameters: dict = Field(description="the request's fields")
@@ -100,12 +125,14 @@ class Txt2ImgResponse(BaseModel):
 NAMES = {"guidance": "cfg_scale", "sampler": "sampler_name", "n": "batch_size"}
 
 
-def _checked(svc: ImageService, body: Txt2ImgRequest) -> tuple[list[SamplingArgs], list[str]]:
-    """One n = 1 request per image with its own seed, and the warnings to pass on."""
+def _checked(svc: ImageService, body: Txt2ImgRequest, batch_size: int | None = None
+             ) -> tuple[list[SamplingArgs], list[str]]:
+    """One n = 1 request per image with its own seed, and the warnings to pass on.
+    `batch_size` overrides the body's (img2img with several pictures: one each)."""
     for name in ("batch_size", "n_iter"):
         if getattr(body, name) < 1:
             raise invalid(name, f"must be an integer >= 1, got {getattr(body, name)}")
-    count = body.batch_size * body.n_iter
+    count = (batch_size or body.batch_size) * body.n_iter
     if count > MAX_IMAGES_PER_REQUEST:
         raise invalid("batch_size", f"batch_size x n_iter must be at most "
                       f"{MAX_IMAGES_PER_REQUEST} per request, got {count}")
@@ -129,16 +156,17 @@ def _checked(svc: ImageService, body: Txt2ImgRequest) -> tuple[list[SamplingArgs
 
 
 def _info(svc: ImageService, body: Txt2ImgRequest, args: list[SamplingArgs],
-          warnings: list[str]) -> str:
+          warnings: list[str], strength: float | None = None) -> str:
     """A1111's `info`: a JSON string (not an object), with the infotext of each image."""
     a, size = args[0], svc.pipe.image_size
     name = a1111_name(a.sampler)
     negative = a.negative_prompt or ""
+    edit = "" if strength is None else f"Denoising strength: {strength}, "
 
     def infotext(one: SamplingArgs) -> str:
         head = one.prompt + (f"\nNegative prompt: {negative}" if negative else "")
         return (f"{head}\nSteps: {one.steps}, Sampler: {name}, CFG scale: {one.guidance}, "
-                f"Seed: {one.seed}, Size: {size}x{size}, Model: {svc.model_id}, "
+                f"Seed: {one.seed}, Size: {size}x{size}, Model: {svc.model_id}, {edit}"
                 f"Guidance rescale: {one.guidance_rescale}, Version: ldmkit {__version__}")
 
     return json.dumps({
@@ -151,6 +179,7 @@ def _info(svc: ImageService, body: Txt2ImgRequest, args: list[SamplingArgs],
         "restore_faces": False, "sd_model_name": svc.model_id, "sd_model_hash": None,
         "index_of_first_image": 0, "infotexts": [infotext(x) for x in args],
         "styles": [], "version": f"ldmkit {__version__}",
+        **({} if strength is None else {"denoising_strength": strength}),
         "ldmkit": {"sampler": a.sampler, "guidance_rescale": a.guidance_rescale,
                    "warnings": warnings}})
 
@@ -162,12 +191,71 @@ async def txt2img(body: Txt2ImgRequest, request: Request) -> dict | Response:
     """batch_size x n_iter images; image i from seed + i."""
     svc: ImageService = request.app.state.service
     args, warnings = _checked(svc, body)
-    payloads = await svc.results(svc.submit(args), request)
+    return await _generate(svc, body, request, args, warnings)
+
+
+async def _generate(svc: ImageService, body: Txt2ImgRequest, request: Request,
+                    args: list[SamplingArgs], warnings: list[str],
+                    edits: list[EditInputs] | None = None,
+                    parameters: dict | None = None) -> dict | Response:
+    """Queue the images (one job each) and answer A1111's response: txt2img's and
+    img2img's."""
+    payloads = await svc.results(svc.submit(args, edits=edits), request)
     if payloads is None:
         return Response(status_code=499)  # the client left; the work was dropped
     warnings += sorted({w for p in payloads for w in p["warnings"]})
-    return {"images": [p["images"][0] for p in payloads], "parameters": body.model_dump(),
-            "info": _info(svc, body, args, warnings)}
+    strength = None if edits is None else edits[0].strength
+    return {"images": [p["images"][0] for p in payloads],
+            "parameters": body.model_dump() if parameters is None else parameters,
+            "info": _info(svc, body, args, warnings, strength)}
+
+
+@router.post("/img2img", response_model=Txt2ImgResponse, responses={
+    **ERRORS, 500: {"description": "the output was not finite (NaN)"},
+    503: {"description": "queue full (see Retry-After) or shutting down"}})
+async def img2img(body: Img2ImgRequest, request: Request) -> dict | Response:
+    """img2img, or inpainting with `mask`: batch_size x n_iter images, image i from
+    seed + i and init_images[i % len(init_images)]. Several pictures make batch_size
+    their count, as A1111 does."""
+    svc: ImageService = request.app.state.service
+    pictures = body.init_images
+    if not pictures:
+        raise invalid("init_images", "give at least one picture (base64)")
+    if len(pictures) > MAX_IMAGES_PER_REQUEST:
+        raise invalid("init_images", f"at most {MAX_IMAGES_PER_REQUEST} pictures per "
+                      f"request, got {len(pictures)}")
+    args, warnings = _checked(svc, body, len(pictures) if len(pictures) > 1 else None)
+    mask = None if body.mask is None else _a1111_mask(body.mask, body.inpainting_mask_invert)
+    checked = []
+    for picture in pictures:
+        edit, said = svc.edit(decode_base64(picture, "init_images"), mask,
+                              body.denoising_strength, body.resample_steps, body.mask_feather,
+                              names=EDIT_NAMES)
+        checked.append(edit)
+        warnings += [w for w in said if w not in warnings]
+    edits = [checked[i % len(checked)] for i in range(len(args))]
+    parameters = body.model_dump()
+    if not body.include_init_images:  # as A1111: the pictures are not sent back
+        parameters.update(init_images=None, mask=None)
+    return await _generate(svc, body, request, args, warnings, edits, parameters)
+
+
+EDIT_NAMES = {"image": "init_images", "strength": "denoising_strength"}
+
+
+def _a1111_mask(value: str, invert: int) -> Image.Image:
+    """A1111's mask as ours (white = repaint): an RGBA mask with transparency means its
+    opaque pixels, as A1111 reads it; `inpainting_mask_invert` 1 swaps the two."""
+    if invert not in (0, 1):
+        raise invalid("inpainting_mask_invert", f"must be 0 or 1, got {invert}")
+    try:
+        mask = open_image(decode_base64(value, "mask"), "mask")
+    except SamplingArgumentError as exc:
+        raise invalid(exc.field, exc.reason) from None
+    if mask.mode == "RGBA" and mask.getchannel("A").getextrema() != (255, 255):
+        mask = mask.getchannel("A")
+    mask = mask.convert("L")
+    return ImageOps.invert(mask) if invert else mask
 
 
 # ----------------------------------------------------------------------------- the probes
@@ -175,9 +263,20 @@ async def txt2img(body: Txt2ImgRequest, request: Request) -> dict | Response:
 
 @router.get("/sd-models", responses={401: ERRORS[401]})
 def sd_models(request: Request) -> list[dict]:
-    model_id = request.app.state.service.model_id
+    svc = request.app.state.service
+    model_id, adapter = svc.model_id, ({"lora": svc.lora} if svc.lora else {})
     return [{"title": model_id, "model_name": model_id, "hash": None, "sha256": None,
-             "filename": model_id, "config": None}]
+             "filename": model_id, "config": None, **adapter}]
+
+
+@router.get("/loras", responses={401: ERRORS[401]})
+def loras(request: Request) -> list[dict]:
+    """The adapter `ldmkit serve --lora` merged in (none, or one: it is always on)."""
+    lora = request.app.state.service.lora
+    if lora is None:
+        return []
+    return [{"name": lora["name"], "alias": lora["name"], "path": lora["path"],
+             "metadata": {"scale": lora["scale"], "rank": lora["rank"], "merged": True}}]
 
 
 @router.get("/samplers", responses={401: ERRORS[401]})

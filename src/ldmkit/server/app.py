@@ -1,9 +1,12 @@
 """`ldmkit serve`: one loaded model behind three HTTP APIs and a web page (FastAPI +
 uvicorn). The routes live with their API; this file puts them together:
 
-    native.py         ldmkit's own: POST /v1/images, /v1/images/stream, GET /v1/model
-    openai_images.py  OpenAI's images API: GET /v1/models, POST /v1/images/generations
-    a1111.py          AUTOMATIC1111's: POST /sdapi/v1/txt2img and the GETs its clients probe
+    native.py         ldmkit's own: POST /v1/images (+ image/mask/strength for edits),
+                      /v1/images/stream, GET /v1/model
+    openai_images.py  OpenAI's images API: GET /v1/models, POST /v1/images/generations,
+                      /v1/images/edits (multipart)
+    a1111.py          AUTOMATIC1111's: POST /sdapi/v1/txt2img, img2img, and the GETs its
+                      clients probe
     GET /health       liveness and queue counters (open even with an API key)
     GET /             the page (static/index.html); /docs is FastAPI's own
 
@@ -57,9 +60,9 @@ def create_app(pipe: TextToImagePipeline, queue_size: int = 64, max_batch: int =
         batcher.stop()
 
     app = FastAPI(title="ldmkit", version=__version__, lifespan=lifespan,
-                  description="Text-to-image with a latent diffusion model: ldmkit's own "
-                              "API, OpenAI's images API and A1111's txt2img. See "
-                              "docs/serving.md.")
+                  description="Text-to-image and edits with a latent diffusion model: "
+                              "ldmkit's own API, OpenAI's images API and A1111's txt2img "
+                              "and img2img. See docs/serving.md.")
     app.state.batcher = batcher
     app.state.api_key = check_key(api_key)
     app.state.service = ImageService(pipe, batcher, model_id,
@@ -115,11 +118,18 @@ def cli_serve(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)  # before the model loads: a bad flag fails fast
     check_address(args.host, args.port)
     pipe = TextToImagePipeline.from_pretrained(args.model, device)
+    if getattr(args, "lora", None):
+        from ldmkit.sample import load_adapter
+
+        # every request uses the one adapter: merged, sampling costs what the base model's
+        # does, and no request can change its scale
+        load_adapter(pipe, args.lora, args.lora_scale, merge=True)
     created = int((Path(args.model) / "model_index.json").stat().st_mtime)
     app = create_app(pipe, args.queue_size, args.max_batch, api_key=key,
                      cors_origins=args.cors_origin or (), model_id=args.model_id.strip(),
                      created=created)
-    print(f"ldmkit serve: {args.model} on {device}; open http://{args.host}:{args.port}/ "
+    adapter = f" + LoRA {args.lora} x {args.lora_scale:g}" if getattr(args, "lora", None) else ""
+    print(f"ldmkit serve: {args.model}{adapter} on {device}; open http://{args.host}:{args.port}/ "
           f"(OpenAI base URL http://{args.host}:{args.port}/v1, model {args.model_id!r}; "
           f"{'an API key is needed' if key else 'no API key'})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -9,6 +9,12 @@ call, up to `max_batch` images, and samples them as one batch:
   (DDIM at eta = 0, DPM-Solver++). A stochastic sampler (DDPM) draws fresh noise at every
   step from one generator for the whole batch, so its jobs run alone, each with its own
   generator: exactly what `ldmkit sample` and the Python API do.
+- Edits (img2img, inpainting; `Job.edit`) share a batch with edits that start from the
+  same grid level (steps and strength) and are all masked or all not; each row carries
+  its own picture, noised start and mask, as it carries its own prompt, so edits of
+  different pictures batch without mixing (KnownRegion blends row by row). They never
+  join a text-to-image batch (its rows would go through the edit's denoiser wrapper), and
+  RePaint resampling runs alone: its renoising draws from the job's generator.
 - Each job's rows carry its own initial noise, drawn from its own seed
   (`pipe.initial_noise`), and its own conditioning (`pipe.conditioning`), bit for bit what
   the pipeline uses for that request alone. Rows never mix in the sampler's arithmetic.
@@ -37,7 +43,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ldmkit.diffusion.editing import start_index
 from ldmkit.diffusion.registry import SAMPLERS
+from ldmkit.editing import EditInputs, EditStart, edit_start, edited_images
 from ldmkit.errors import UserError
 from ldmkit.models.text import TextEmbeddings, is_blank
 from ldmkit.pipeline import TextToImagePipeline
@@ -80,6 +88,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     preview_every: int = 0  # 0 = no previews (the plain POST)
     preview_steps: frozenset[int] = frozenset()  # step indices with a preview, besides
+    edit: EditInputs | None = None  # one picture (and mask) to edit args.n times
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
@@ -87,10 +96,12 @@ class Job:
     @property
     def key(self) -> tuple | None:
         """Jobs with equal keys can share a U-Net batch; None = runs alone."""
-        a = self.args
-        if SAMPLERS[a.sampler].stochastic:
+        a, edit = self.args, self.edit
+        if SAMPLERS[a.sampler].stochastic or (edit is not None and edit.resample_steps):
             return None
-        return a.sampler, a.steps, a.guidance, a.guidance_rescale
+        kind = None if edit is None else ("edit", start_index(a.steps, edit.strength),
+                                          edit.masks is not None)
+        return a.sampler, a.steps, a.guidance, a.guidance_rescale, kind
 
     @property
     def previews(self) -> bool:
@@ -225,35 +236,55 @@ class Batcher:
     @torch.no_grad()
     def _run(self, batch: list[Job], start: float) -> None:
         pipe, first = self.pipe, batch[0].args
-        noise, conds, unconds, rows, warnings = [], [], [], [], []
+        begins, conds, unconds, rows, warnings = [], [], [], [], []
         for job in batch:
             a = job.args
             generator = torch.Generator().manual_seed(a.seed)
             cond, uncond = pipe.conditioning([a.prompt] * a.n, a.negative_prompt)
-            noise.append(pipe.initial_noise(a.n, generator))
+            begins.append(self._begin(job, pipe.initial_noise(a.n, generator)))
             conds.append(cond)
             unconds.append(uncond.expand(a.n))
             offset = rows[-1].stop if rows else 0
             rows.append(slice(offset, offset + a.n))
             warnings.append(self._prompt_report(a))
-        callback = self._callback(batch, rows, first.steps)
+        # by the batch key, every job is an edit of one kind (start level, mask or not), or
+        # none is
+        lead, edit = begins[0], batch[0].edit
+        held = None if lead.lmask is None else (torch.cat([b.known for b in begins]),
+                                                torch.cat([b.lmask for b in begins]))
         latents = pipe.denoise(
-            torch.cat(noise), TextEmbeddings.cat(conds), TextEmbeddings.cat(unconds),
-            first.steps, first.guidance, first.sampler,
+            torch.cat([b.x for b in begins]), TextEmbeddings.cat(conds),
+            TextEmbeddings.cat(unconds), first.steps, first.guidance, first.sampler,
             generator=generator if len(batch) == 1 else None,  # stochastic jobs run alone
-            callback=callback, guidance_rescale=first.guidance_rescale)
+            callback=self._callback(batch, rows, first.steps - lead.first),
+            guidance_rescale=first.guidance_rescale, start=lead.first, known=held,
+            resample=0 if edit is None else edit.resample_steps)
         ran = time.monotonic() - start
         images = sum(job.args.n for job in batch)
-        for job, row, (warning, tokens) in zip(batch, rows, warnings):
+        for job, row, begin, (warning, tokens) in zip(batch, rows, begins, warnings):
             if job.cancelled.is_set():
                 self.stats.cancelled += 1
                 continue
-            job.post("done", {"images": png_base64(pipe.decode(latents[row])),
+            job.post("done", {"images": png_base64(self._pixels(job, latents[row], begin)),
                               "warnings": warning, "prompt_tokens": tokens,
                               "timing": {"queued_s": round(start - job.created, 4),
                                          "run_s": round(ran, 4), "batch_images": images}})
             self.stats.completed += 1
             self.stats.images += job.args.n
+
+    def _begin(self, job: Job, noise: torch.Tensor) -> EditStart:
+        """The job's rows at the sampler's start: its noise, or for an edit its picture
+        noised to the strength's level, as `pipe.edit_images` starts it alone."""
+        if job.edit is None:
+            return EditStart(noise, None, None, 0)
+        return edit_start(self.pipe, job.edit.repeat(job.args.n), noise, job.args.steps)
+
+    def _pixels(self, job: Job, latents: torch.Tensor, begin: EditStart) -> torch.Tensor:
+        """The job's images; an inpainting edit laid over its picture's VAE round trip."""
+        if job.edit is None:
+            return self.pipe.decode(latents)
+        lmask = None if begin.lmask is None else begin.lmask.cpu()
+        return edited_images(self.pipe, latents, begin.known, lmask)
 
     def _prompt_report(self, args: SamplingArgs) -> tuple[list[str], int]:
         """What the client should know: prompts cut to the text encoder's window, and the

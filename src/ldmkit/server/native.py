@@ -1,7 +1,8 @@
 """ldmkit's own API (the page uses it):
 
     POST /v1/images          prompt, negative_prompt, n, steps, guidance, sampler, seed
-                             -> base64 PNGs + the settings used (seed included)
+                             -> base64 PNGs + the settings used (seed included); with
+                             `image` (base64), `strength`, `mask`: img2img / inpainting
     POST /v1/images/stream   the same, as server-sent events: `queued`, `preview` (the x0
                              estimate every `preview_every` steps), then `done` (or `error`)
     GET  /v1/model           image size, text encoder, schedule, samplers, defaults, limits
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ldmkit import __version__
 from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
-from ldmkit.sampling_args import GUIDANCE_MAX, SamplingArgs, SamplingArgumentError, check_count
+from ldmkit.sampling_args import GUIDANCE_MAX, SamplingArgumentError, check_count
 from ldmkit.server.auth import require_key
 from ldmkit.server.batcher import Job
 from ldmkit.server.errors import BODY_UNREADABLE, NativeRoute
@@ -29,6 +30,7 @@ from ldmkit.server.service import (
     MAX_PROMPT_CHARS,
     ImageService,
     Refusal,
+    decode_base64,
     failure,
     invalid,
 )
@@ -59,6 +61,15 @@ class ImageRequest(BaseModel):
                                     description="Lin et al. 2024's phi, 0..1; 0 = plain CFG")
     seed: int | None = Field(None, description="0..2**63-1; omitted = a random one, "
                                                "reported in `settings`")
+    # an edit (docs/editing.md): the same checks as `ldmkit sample --init-image`
+    image: str | None = Field(None, description="img2img: the picture to start from, a "
+                              "base64 PNG/JPEG (square; resized to the model's size)")
+    mask: str | None = Field(None, description="inpainting: base64 image of the picture's "
+                             "size, white = repaint, black = keep")
+    strength: float | None = Field(None, description="how much of `image` to redraw, 0..1 "
+                                   "(default 0.8; 1 with a mask)")
+    resample_steps: int | None = Field(None, description="RePaint passes per inpainting step")
+    mask_feather: int | None = Field(None, description="latent cells of soft mask edge (1)")
 
 
 class StreamRequest(ImageRequest):
@@ -74,6 +85,7 @@ class Settings(BaseModel):
     sampler: str
     guidance_rescale: float
     seed: int
+    strength: float | None = Field(None, description="the edit's strength (edits only)")
 
 
 class Timing(BaseModel):
@@ -96,7 +108,12 @@ def service(request: Request) -> ImageService:
     return request.app.state.service
 
 
-def _admit(svc: ImageService, body: ImageRequest, preview_every: int = 0) -> Job:
+EDIT_FIELDS = ("image", "mask", "strength", "resample_steps", "mask_feather")
+
+
+def _admit(svc: ImageService, body: ImageRequest, preview_every: int = 0
+           ) -> tuple[Job, list[str]]:
+    """The queued job and the warnings its checks gave (a resized picture)."""
     args = svc.args(body.prompt, body.negative_prompt, body.n, body.steps, body.guidance,
                     body.sampler, body.seed, body.guidance_rescale)
     if preview_every:
@@ -104,14 +121,22 @@ def _admit(svc: ImageService, body: ImageRequest, preview_every: int = 0) -> Job
             check_count(preview_every, "preview_every")
         except SamplingArgumentError as exc:
             raise invalid(exc.field, exc.reason) from None
-    return svc.submit([args], preview_every)[0]
+    edit, warnings = None, []
+    if any(getattr(body, name) is not None for name in EDIT_FIELDS):
+        image = None if body.image is None else decode_base64(body.image, "image")
+        mask = None if body.mask is None else decode_base64(body.mask, "mask")
+        edit, warnings = svc.edit(image, mask, body.strength, body.resample_steps,
+                                  body.mask_feather)
+    return svc.submit([args], preview_every, edits=[edit])[0], warnings
 
 
-def _result(args: SamplingArgs, payload: dict) -> dict:
+def _result(job: Job, payload: dict, warnings: list[str]) -> dict:
+    args = job.args
     settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "n": args.n,
                 "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler,
-                "guidance_rescale": args.guidance_rescale, "seed": args.seed}
-    return {"images": payload["images"], "warnings": payload["warnings"],
+                "guidance_rescale": args.guidance_rescale, "seed": args.seed,
+                "strength": None if job.edit is None else job.edit.strength}
+    return {"images": payload["images"], "warnings": warnings + payload["warnings"],
             "timing": payload["timing"], "settings": settings}
 
 
@@ -121,11 +146,11 @@ async def images(body: ImageRequest, request: Request) -> dict | Response:
     """Generate `n` images; returns when they are done (or drops the work when the
     client disconnects first)."""
     svc = service(request)
-    job = _admit(svc, body)
+    job, warnings = _admit(svc, body)
     payloads = await svc.results([job], request)
     if payloads is None:  # the client left; the work is dropped
         return Response(status_code=499)  # nginx's "client closed request"
-    return _result(job.args, payloads[0])
+    return _result(job, payloads[0], warnings)
 
 
 @router.post("/v1/images/stream", response_class=StreamingResponse,
@@ -136,7 +161,7 @@ async def images_stream(body: StreamRequest, request: Request) -> StreamingRespo
     """The same generation as server-sent events: `queued`, then `preview` every
     `preview_every` steps (the x0 estimate, decoded), then `done` with the result."""
     svc = service(request)
-    job = _admit(svc, body, body.preview_every)
+    job, warnings = _admit(svc, body, body.preview_every)
 
     async def events() -> AsyncIterator[str]:
         try:  # cancelled by Starlette when the client disconnects
@@ -146,7 +171,7 @@ async def images_stream(body: StreamRequest, request: Request) -> StreamingRespo
                 if kind == "preview":
                     yield sse("preview", payload)
                 elif kind == "done":
-                    yield sse("done", _result(job.args, payload))
+                    yield sse("done", _result(job, payload, warnings))
                     return
                 else:
                     refusal: Refusal = failure(payload)
@@ -180,7 +205,7 @@ def model(request: Request) -> dict:
         "limits": {"n": MAX_IMAGES_PER_REQUEST, "steps": pipe.schedule.timesteps,
                    "guidance": [0.0, GUIDANCE_MAX], "prompt_chars": MAX_PROMPT_CHARS,
                    "queue_size": batcher.queue_size, "max_batch": batcher.max_batch},
-        "device": str(pipe.device), "ldmkit_version": __version__}
+        "lora": svc.lora, "device": str(pipe.device), "ldmkit_version": __version__}
 
 
 def sse(event: str, data: dict) -> str:

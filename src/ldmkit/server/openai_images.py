@@ -7,11 +7,14 @@
                                     fields (negative_prompt, steps | num_inference_steps,
                                     guidance | guidance_scale, guidance_rescale, sampler,
                                     seed)
+    POST /v1/images/edits           OpenAI's multipart form: image (or image[], several:
+                                    each edited n times), mask (a PNG whose transparent
+                                    pixels are repainted), prompt, n, size, ... as for
+                                    generations, + strength, resample_steps, mask_feather
 
 Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`: 400 for any bad or
 unknown field (never FastAPI's 422), 401, 404, 429 + Retry-After when the queue is full,
-500 for an output that is not finite. A route for /v1/images/edits belongs beside these,
-on the same router.
+500 for an output that is not finite.
 """
 
 from __future__ import annotations
@@ -26,15 +29,18 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from ldmkit.diffusion.editing import steps_run
 from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
+from ldmkit.editing import EditInputs
 from ldmkit.sampling_args import SamplingArgs
 from ldmkit.server.auth import require_key
 from ldmkit.server.errors import STATUS, NativeRoute, refusal_headers
 from ldmkit.server.service import (
     MAX_IMAGES_PER_REQUEST,
+    MAX_UPLOAD_BYTES,
     ImageService,
     Refusal,
     failure,
@@ -55,8 +61,8 @@ def error_body(refusal: Refusal) -> dict:
                       "param": refusal.field, "code": refusal.code}}
 
 
-def from_validation(exc: RequestValidationError) -> Refusal:
-    """FastAPI's first complaint about the body as OpenAI words it (a 400)."""
+def from_validation(exc: RequestValidationError | ValidationError) -> Refusal:
+    """FastAPI's (or pydantic's) first complaint about the body as OpenAI words it (a 400)."""
     error = exc.errors()[0]
     loc = [str(part) for part in error.get("loc", ()) if part != "body"]
     name = loc[0] if loc else None
@@ -189,18 +195,21 @@ def _usage(tokens: int) -> dict:
             "input_tokens_details": {"text_tokens": tokens, "image_tokens": 0}}
 
 
-def _settings(args: SamplingArgs) -> dict:
-    return {"negative_prompt": args.negative_prompt, "n": args.n, "steps": args.steps,
-            "guidance": args.guidance, "guidance_rescale": args.guidance_rescale,
-            "sampler": args.sampler, "seed": args.seed}
+def _settings(args: SamplingArgs, edit: EditInputs | None = None) -> dict:
+    settings = {"negative_prompt": args.negative_prompt, "n": args.n, "steps": args.steps,
+                "guidance": args.guidance, "guidance_rescale": args.guidance_rescale,
+                "sampler": args.sampler, "seed": args.seed}
+    return settings if edit is None else {**settings, "strength": edit.strength}
 
 
 # ----------------------------------------------------------------------------- routes
 
 
 def _model(svc: ImageService) -> dict:
+    """OpenAI's model object; ours adds `lora` when the server runs an adapter."""
+    adapter = {"lora": svc.lora} if svc.lora else {}
     return {"id": svc.model_id, "object": "model", "created": svc.created,
-            "owned_by": "ldmkit"}
+            "owned_by": "ldmkit", **adapter}
 
 
 @router.get("/v1/models", responses={401: ERRORS[401]})
@@ -218,68 +227,196 @@ def retrieve_model(model: str, request: Request) -> dict:
     return _model(svc)
 
 
-@router.post("/v1/images/generations", responses={
+RESPONSES = {
     **ERRORS, 200: {"content": {"application/json": {}, "text/event-stream": {}},
                     "description": "the images; with stream, image_generation.* events"},
     429: {"description": "queue full: see Retry-After"},
     500: {"description": "the output was not finite (NaN): `non_finite_output`"},
-    503: {"description": "the server is shutting down"}})
+    503: {"description": "the server is shutting down"}}
+
+
+@router.post("/v1/images/generations", responses=RESPONSES)
 async def generations(body: GenerationRequest, request: Request) -> Response:
     """Generate `n` images of the prompt (the same PNGs as `ldmkit sample` for a seed)."""
     svc: ImageService = request.app.state.service
-    args = _checked(svc, body)
+    return await _answer(svc, body, [_checked(svc, body)], request)
+
+
+async def _answer(svc: ImageService, body: GenerationRequest, args: list[SamplingArgs],
+                  request: Request, edits: list[EditInputs] | None = None,
+                  warnings: list[str] | tuple = ()) -> Response:
+    """Queue one job per args (each its own edit, for /edits) and answer with all their
+    images, in order: as one JSON body, or as events when streaming."""
     fmt = body.output_format or "png"
-    previews = spread_steps(body.partial_images or 0, args.steps) if body.stream else frozenset()
-    job = svc.submit([args], preview_steps=previews)[0]
+    edits = edits or [None] * len(args)
+    previews = [spread_steps(body.partial_images or 0, _steps_run(a, e)) if body.stream
+                else frozenset() for a, e in zip(args, edits)]
+    jobs = svc.submit(args, preview_steps=previews, edits=edits)
     if body.stream:
-        return StreamingResponse(_events(job, svc, fmt, body.output_compression),
+        return StreamingResponse(_events(jobs, svc, fmt, body.output_compression,
+                                         list(warnings)),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    payloads = await svc.results([job], request)
+    payloads = await svc.results(jobs, request)
     if payloads is None:
         return Response(status_code=499)  # the client left; the work was dropped
-    done = payloads[0]
+    said = list(warnings) + sorted({w for p in payloads for w in p["warnings"]})
     return JSONResponse({
         "created": int(time.time()), "background": "opaque", "output_format": fmt,
-        "size": svc.size, "usage": _usage(done["prompt_tokens"]),
+        "size": svc.size, "usage": _usage(payloads[0]["prompt_tokens"]),
         "data": [{"b64_json": encode(b64, fmt, body.output_compression),
-                  "revised_prompt": None} for b64 in done["images"]],
-        "ldmkit": {"settings": _settings(args), "warnings": done["warnings"]}})
+                  "revised_prompt": None} for done in payloads for b64 in done["images"]],
+        "ldmkit": {"settings": _settings(args[0], edits[0]), "warnings": said}})
+
+
+def _steps_run(args: SamplingArgs, edit: EditInputs | None) -> int:
+    """The sampler steps a job takes: an edit runs the last part of the grid only."""
+    return args.steps if edit is None else steps_run(args.steps, edit.strength)
 
 
 def _event(kind: str, data: dict) -> str:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _events(job, svc: ImageService, fmt: str, compression: int | None
-                  ) -> AsyncIterator[str]:
+async def _events(jobs: list, svc: ImageService, fmt: str, compression: int | None,
+                  warnings: list[str]) -> AsyncIterator[str]:
     """partial_image events (the x0 estimate, decoded) then one completed event per
-    image; `image_index` (ours) says which of the n images an event is for."""
+    image, job after job; `image_index` (ours) says which of the images an event is for."""
     common = {"background": "opaque", "output_format": fmt, "quality": "auto",
               "size": svc.size}
-    partials = 0
+    partials, first = 0, 0
     try:  # cancelled by Starlette when the client disconnects
-        while True:
-            kind, payload = await job.events.get()
-            now = int(time.time())
-            if kind == "preview":
-                for i, b64 in enumerate(payload["images"]):
-                    yield _event("image_generation.partial_image", {
-                        "type": "image_generation.partial_image", "created_at": now,
-                        "b64_json": encode(b64, fmt, compression), "image_index": i,
-                        "partial_image_index": partials, **common})
-                partials += 1
-            elif kind == "done":
-                for i, b64 in enumerate(payload["images"]):
-                    yield _event("image_generation.completed", {
-                        "type": "image_generation.completed", "created_at": now,
-                        "b64_json": encode(b64, fmt, compression), "image_index": i,
-                        "usage": _usage(payload["prompt_tokens"]), **common,
-                        "ldmkit": {"settings": _settings(job.args),
-                                   "warnings": payload["warnings"]}})
-                return
-            else:
-                yield _event("error", error_body(failure(payload)))
-                return
+        for job in jobs:
+            while True:
+                kind, payload = await job.events.get()
+                now = int(time.time())
+                if kind == "preview":
+                    for i, b64 in enumerate(payload["images"], first):
+                        yield _event("image_generation.partial_image", {
+                            "type": "image_generation.partial_image", "created_at": now,
+                            "b64_json": encode(b64, fmt, compression), "image_index": i,
+                            "partial_image_index": partials, **common})
+                    partials += 1
+                elif kind == "done":
+                    for i, b64 in enumerate(payload["images"], first):
+                        yield _event("image_generation.completed", {
+                            "type": "image_generation.completed", "created_at": now,
+                            "b64_json": encode(b64, fmt, compression), "image_index": i,
+                            "usage": _usage(payload["prompt_tokens"]), **common,
+                            "ldmkit": {"settings": _settings(job.args, job.edit),
+                                       "warnings": warnings + payload["warnings"]}})
+                    first += job.args.n
+                    break
+                else:
+                    yield _event("error", error_body(failure(payload)))
+                    return
     finally:
-        job.cancel()
+        for job in jobs:
+            job.cancel()
+
+
+# ----------------------------------------------------------------------------- edits
+
+
+class EditRequest(GenerationRequest):
+    """The text fields of the edits form (the files are `image` / `image[]` and `mask`)."""
+
+    strength: float | None = Field(None, description="how much of the picture to redraw, "
+                                   "0..1 (default 1 with a mask, else 0.8)")
+    resample_steps: int | None = Field(None, description="RePaint passes per inpainting "
+                                       "step (default 0)")
+    mask_feather: int | None = Field(None, description="latent cells of soft mask edge "
+                                     "(default 1)")
+    input_fidelity: str | None = None  # accepted and ignored, as quality is
+
+
+FILES = {"image": "the picture to edit (PNG, JPEG or WebP; square, resized to the model's "
+                  "size)",
+         "image[]": "several pictures (the openai SDK's list): each is edited n times",
+         "mask": "a PNG of the picture's size: its transparent pixels are repainted, the "
+                 "opaque ones kept (applied to every picture)"}
+
+
+def _form_schema() -> dict:
+    """The multipart form in the OpenAPI schema: the files, then EditRequest's fields
+    with their null alternative dropped (a form field is text or absent, never null)."""
+    fields = {}
+    for name, spec in EditRequest.model_json_schema()["properties"].items():
+        choices = [c for c in spec.get("anyOf", [spec]) if c.get("type") != "null"]
+        fields[name] = {**{k: v for k, v in spec.items() if k not in ("anyOf", "default")},
+                        **choices[0]}
+    files = {"image": {"type": "string", "format": "binary", "description": FILES["image"]},
+             "image[]": {"type": "array", "items": {"type": "string", "format": "binary"},
+                         "description": FILES["image[]"]},
+             "mask": {"type": "string", "format": "binary", "description": FILES["mask"]}}
+    schema = {"type": "object", "properties": {**files, **fields},
+              "required": ["image", "prompt"]}
+    return {"requestBody": {"required": True,
+                            "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+async def _read_form(request: Request) -> tuple[dict[str, str], list[bytes], bytes | None]:
+    """(text fields, the pictures' bytes, the mask's bytes or None) of the edits form; a
+    field sent twice, a file where text belongs or text where a file does: refused."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise Refusal("invalid", "The body must be multipart/form-data (as the openai SDK "
+                      f"sends images.edit), not {kind or 'without a content type'!r}.",
+                      code="invalid_content_type")
+    form = await request.form(max_files=MAX_IMAGES_PER_REQUEST + 1, max_fields=200)
+    fields, images, mask = {}, [], None
+    for name, value in form.multi_items():
+        is_file = not isinstance(value, str)
+        if name in FILES:
+            if not is_file:
+                raise invalid(name, "must be a file (a multipart upload with a filename), "
+                              "not text")
+            data = await _upload(value, name)
+            if name == "mask":
+                if mask is not None:
+                    raise invalid("mask", "give one mask (it applies to every picture)")
+                mask = data
+            else:
+                images.append(data)
+        elif is_file:
+            raise invalid(name, "must be text, not a file")
+        elif name in fields:
+            raise invalid(name, "was given twice")
+        else:
+            fields[name] = value
+    return fields, images, mask
+
+
+async def _upload(upload, name: str) -> bytes:
+    data = await upload.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise invalid(name, f"is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+    return data
+
+
+@router.post("/v1/images/edits", openapi_extra=_form_schema(), responses=RESPONSES)
+async def edits(request: Request) -> Response:
+    """Edit pictures with the prompt: img2img, or inpainting under a mask (its transparent
+    pixels). Each picture gives n images, the same PNGs as `ldmkit sample --init-image
+    PICTURE [--mask ...] --strength S --n N --seed SEED` (the mask's alpha made black and
+    white: transparent = white)."""
+    svc: ImageService = request.app.state.service
+    fields, images, mask = await _read_form(request)
+    try:
+        body = EditRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+    args = _checked(svc, body)
+    if not images:
+        raise Refusal("invalid", "Missing required parameter: 'image'.", "image",
+                      code="missing_required_parameter")
+    if len(images) * args.n > MAX_IMAGES_PER_REQUEST:
+        raise invalid("n", f"{len(images)} pictures x n = {args.n} is more than "
+                      f"{MAX_IMAGES_PER_REQUEST} images per request")
+    checked, warnings = [], []
+    for picture in images:  # one job per picture, each with the request's seed
+        edit, said = svc.edit(picture, mask, body.strength, body.resample_steps,
+                              body.mask_feather, mask_from_alpha=True)
+        checked.append(edit)
+        warnings += [w for w in said if w not in warnings]
+    return await _answer(svc, body, [args] * len(images), request, checked, warnings)

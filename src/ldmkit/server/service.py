@@ -7,13 +7,19 @@ gives the same images, queue and limits whichever door it came in by."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import secrets
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import Request
 
+from ldmkit.edit_inputs import ImageResizedWarning
+from ldmkit.editing import EditInputs, prepare_edit
 from ldmkit.errors import UserError
 from ldmkit.pipeline import TextToImagePipeline
 from ldmkit.sampling_args import NonFiniteOutputError, SamplingArgs, SamplingArgumentError
@@ -22,6 +28,7 @@ from ldmkit.server.batcher import Batcher, Job, QueueFull, ServerStopping
 MAX_IMAGES_PER_REQUEST = 16  # a response holds every image of a request in memory
 MAX_PROMPT_CHARS = 10_000  # only bounds tokenizing; the encoder's window cuts far sooner
 RANDOM_SEEDS = 2**31  # a drawn seed fits every client's integer (A1111's, JavaScript's)
+MAX_UPLOAD_BYTES = 50 * 2**20  # an edit's picture or mask, encoded (OpenAI's own limit)
 
 
 @dataclass
@@ -59,6 +66,17 @@ class ImageService:
     def size(self) -> str:
         return f"{self.pipe.image_size}x{self.pipe.image_size}"
 
+    @property
+    def lora(self) -> dict | None:
+        """The LoRA adapter the model serves with (`ldmkit serve --lora`), or None."""
+        record = self.pipe.lora
+        if record is None:
+            return None
+        state = getattr(self.pipe.unet, "_ldmkit_lora", {})
+        return {"name": Path(record["path"]).name, "path": record["path"],
+                "scale": state.get("scale"), "rank": record.get("rank"),
+                "alpha": record.get("alpha"), "merged": bool(state.get("merged"))}
+
     def args(self, prompt: object, negative_prompt: object = None, n: object = 1,
              steps: object = None, guidance: object = None, sampler: object = None,
              seed: object = None, guidance_rescale: object = None,
@@ -76,11 +94,37 @@ class ImageService:
         except SamplingArgumentError as exc:
             raise invalid((names or {}).get(exc.field, exc.field), exc.reason) from None
 
+    def edit(self, image: object, mask: object = None, strength: object = None,
+             resample_steps: object = None, mask_feather: object = None, *,
+             mask_from_alpha: bool = False, names: dict[str, str] | None = None
+             ) -> tuple[EditInputs, list[str]]:
+        """One picture (encoded bytes) and mask checked for an edit, and what the client
+        should be told (a picture resized to the model's size). None = the default
+        (strength: 1 with a mask, else the pipeline's). A bad one is a Refusal naming the
+        field as the caller's API spells it (`names`: ours -> theirs)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ImageResizedWarning)
+            try:
+                edit = prepare_edit(image, mask, 1, self.pipe.image_size, strength,
+                                    0 if resample_steps is None else resample_steps,
+                                    1 if mask_feather is None else mask_feather,
+                                    mask_from_alpha=mask_from_alpha, fields=names)
+            except SamplingArgumentError as exc:
+                raise invalid(exc.field, exc.reason) from None
+        return edit, [str(w.message) for w in caught if w.category is ImageResizedWarning]
+
     def submit(self, args: Iterable[SamplingArgs], preview_every: int = 0,
-               preview_steps: frozenset[int] = frozenset()) -> list[Job]:
-        """Queue one job per args, all or none (a Refusal "busy" when the queue is full)."""
+               preview_steps: frozenset[int] | Sequence[frozenset[int]] = frozenset(),
+               edits: Sequence[EditInputs | None] | None = None) -> list[Job]:
+        """Queue one job per args (with `edits`, each its own edit; `preview_steps` one
+        set for all or one per job), all or none (a Refusal "busy" when the queue is
+        full)."""
         loop = asyncio.get_running_loop()
-        jobs = [Job(a, loop, preview_every, preview_steps) for a in args]
+        args = list(args)
+        edits = list(edits) if edits is not None else [None] * len(args)
+        steps = [preview_steps] * len(args) if isinstance(preview_steps, frozenset) \
+            else list(preview_steps)
+        jobs = [Job(a, loop, preview_every, s, e) for a, s, e in zip(args, steps, edits)]
         try:
             self.batcher.submit_all(jobs)
         except QueueFull as exc:
@@ -108,6 +152,21 @@ class ImageService:
             gone.cancel()
             for job in jobs:
                 job.cancel()  # no-op once done; drops queued or running work otherwise
+
+
+def decode_base64(value: str, field_name: str) -> bytes:
+    """An image sent as base64 text (a `data:image/...;base64,` prefix allowed, as A1111's
+    clients send it), or a Refusal naming the field."""
+    text = value.strip()
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    text = "".join(text.split())  # MIME base64 comes in lines
+    if len(text) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
+        raise invalid(field_name, f"is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(field_name, "is not base64 (an encoded PNG or JPEG is expected)") from None
 
 
 def failure(exc: BaseException) -> Refusal:
