@@ -12,15 +12,11 @@ import io
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from _tiny_model import make_tiny_model_dir
 from _tiny_text import make_tiny_bert, make_tiny_clip, make_tiny_t5
 from ldmkit.cli import main
 from ldmkit.models.text import TextEncoder, is_blank
-from ldmkit.pipeline import TextToImagePipeline
-from ldmkit.server.app import create_app
 
 BLANKS = ["", " ", "\t\n  \r", "\x00", "\x07\x1b\x7f", "\u200b\u200d", "\u3000\xa0"]
 IDS = ["empty", "space", "whitespace", "nul", "controls", "zero-width", "wide-spaces"]
@@ -64,14 +60,7 @@ def test_an_all_blank_batch_costs_no_model_call(encoder, monkeypatch):
 # ----------------------------------------------------------------------------- pipeline
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return TextToImagePipeline.from_pretrained(model_dir)
+# model_dir, pipe and client (with APP_OPTIONS): tests/conftest.py
 
 
 def _png(image: Image.Image) -> bytes:
@@ -115,10 +104,7 @@ def test_ldmkit_sample_writes_the_unconditional_images(model_dir, unconditional,
 # ----------------------------------------------------------------------------- server
 
 
-@pytest.fixture(scope="module")
-def client(pipe):
-    with TestClient(create_app(pipe, max_batch=1)) as client:  # A1111's two run alone
-        yield client
+APP_OPTIONS = {"max_batch": 1}  # for conftest's client: A1111's two images run alone
 
 
 def _fields(prompt: str) -> dict:

@@ -18,7 +18,6 @@ import webuiapi
 from PIL import Image
 
 from _serve_process import serve_in_thread, serve_process
-from _tiny_model import make_tiny_model_dir
 from ldmkit.cli import main
 from ldmkit.pipeline import TextToImagePipeline
 from ldmkit.sampling_args import SamplingArgs
@@ -26,11 +25,6 @@ from ldmkit.server.app import create_app
 from ldmkit.server.batcher import Batcher, Job
 
 KEY = "test-key-0123456789"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

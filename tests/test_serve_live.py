@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from _tiny_model import make_tiny_model_dir
 from ldmkit.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -36,11 +35,6 @@ def _get(port: int, path: str) -> dict:
         return json.loads(conn.getresponse().read())
     finally:
         conn.close()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

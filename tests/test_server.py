@@ -16,10 +16,10 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from _tiny_model import make_tiny_model_dir, make_tiny_pipeline
+from _batch_jobs import run_jobs as _run_jobs
+from _tiny_model import make_tiny_pipeline
 from ldmkit.cli import main
 from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
-from ldmkit.pipeline import TextToImagePipeline
 from ldmkit.sampling_args import SamplingArgs
 from ldmkit.server.app import MAX_IMAGES_PER_REQUEST, create_app
 from ldmkit.server.batcher import Batcher, Job, png_base64
@@ -28,20 +28,7 @@ DETERMINISTIC = [name for name, info in SAMPLERS.items() if not info.stochastic]
 STOCHASTIC = [name for name, info in SAMPLERS.items() if info.stochastic]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return TextToImagePipeline.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def client(pipe):
-    with TestClient(create_app(pipe)) as client:  # `with` runs the lifespan: the worker
-        yield client
+# model_dir, pipe and client: tests/conftest.py
 
 
 def _request(**fields):
@@ -199,37 +186,6 @@ def test_a_bad_stream_request_is_refused_before_streaming(client):
 
 
 # ----------------------------------------------------------------------------- batcher
-
-
-def _run_jobs(pipe, specs, max_batch=32, cancel=()):
-    """Queue jobs on a batcher whose worker starts only once all are queued, so jobs that
-    can share a batch do; returns each job's final event (None if cancelled)."""
-    loop = asyncio.new_event_loop()
-    batcher = Batcher(pipe, max_batch=max_batch)
-    jobs = [Job(args, loop) for args in specs]
-    for job in jobs:
-        batcher.submit(job)
-    for i in cancel:
-        jobs[i].cancel()
-    batcher.start()
-
-    async def final(job):
-        while True:
-            kind, payload = await job.events.get()
-            if kind in ("done", "error"):
-                return kind, payload
-
-    async def finals(live):
-        return await asyncio.wait_for(asyncio.gather(*(final(j) for j in live)), 120)
-
-    try:
-        live = [job for i, job in enumerate(jobs) if i not in cancel]
-        results = loop.run_until_complete(finals(live))
-    finally:
-        batcher.stop()
-        loop.close()
-    by_job = dict(zip(live, results))
-    return [by_job.get(job) for job in jobs], batcher
 
 
 def test_jobs_sharing_steps_sampler_and_guidance_run_as_one_batch_with_their_own_inputs(

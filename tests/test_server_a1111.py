@@ -8,19 +8,11 @@ import base64
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 
-from _tiny_model import make_tiny_pipeline
 from ldmkit.diffusion.registry import HEADLINE, SAMPLERS
 from ldmkit.server.a1111 import our_sampler
-from ldmkit.server.app import create_app
 
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    pipe = make_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
-    with TestClient(create_app(pipe, max_batch=1)) as client:
-        yield client
+APP_OPTIONS = {"max_batch": 1}  # conftest's client
 
 
 def _txt2img(client, **fields):

@@ -10,7 +10,6 @@ import base64
 import pytest
 from fastapi.testclient import TestClient
 
-from _tiny_model import make_tiny_model_dir, make_tiny_pipeline
 from ldmkit.cli import main
 from ldmkit.errors import UserError
 from ldmkit.server import auth
@@ -19,16 +18,7 @@ from ldmkit.server.app import create_app
 KEY = "k3y-with-enough-letters"
 
 
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def client(pipe):
-    app = create_app(pipe, api_key=KEY, cors_origins=["http://localhost:3000"])
-    with TestClient(app) as client:
-        yield client
+APP_OPTIONS = {"api_key": KEY, "cors_origins": ["http://localhost:3000"]}  # conftest's client
 
 
 def _api_routes(client) -> list[tuple[str, str]]:
@@ -47,7 +37,7 @@ def test_every_api_route_needs_the_key(client):
             assert reply.status_code == 401, (method, path, headers)
             assert reply.headers["WWW-Authenticate"] == "Bearer"
             body = reply.json()
-            if path.startswith(("/v1/models", "/v1/images/generations")):
+            if path.startswith(("/v1/models", "/v1/images/generations", "/v1/images/edits")):
                 assert body["error"]["code"] == "invalid_api_key"
             else:
                 assert "API key" in body["detail"]
@@ -135,11 +125,6 @@ def test_listening_beyond_this_machine_needs_a_key_or_insecure(host):
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
 def test_loopback_needs_no_key(host):
     auth.check_exposure(host, None, insecure=False)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-dir"))
 
 
 def test_serve_on_0000_without_a_key_exits_2_saying_why(model_dir, capsys, monkeypatch):

@@ -9,19 +9,11 @@ import io
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from _tiny_model import make_tiny_pipeline
-from ldmkit.server.app import create_app
 from ldmkit.server.service import spread_steps
 
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    pipe = make_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
-    with TestClient(create_app(pipe, model_id="shapes-v1", created=1700000000)) as client:
-        yield client
+APP_OPTIONS = {"model_id": "shapes-v1", "created": 1700000000}  # conftest's client
 
 
 def _generate(client, **fields):

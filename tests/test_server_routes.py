@@ -13,9 +13,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from _tiny_model import make_tiny_model_dir, make_tiny_pipeline
+from _tiny_model import make_tiny_pipeline
 from ldmkit.cli import main
-from ldmkit.pipeline import TextToImagePipeline
 from ldmkit.sampling_args import SamplingArgs
 from ldmkit.server.app import create_app
 from ldmkit.server.batcher import Batcher, Job
@@ -23,20 +22,7 @@ from ldmkit.server.batcher import Batcher, Job
 PROMPT, SEED, STEPS, GUIDANCE = "a small blue square at the top", 21, 4, 3.0
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return TextToImagePipeline.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def client(pipe):
-    with TestClient(create_app(pipe)) as client:
-        yield client
+# model_dir, pipe and client: tests/conftest.py
 
 
 def _native(client, sampler, seed=SEED):
