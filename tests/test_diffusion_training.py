@@ -47,6 +47,30 @@ def test_training_writes_every_artifact_and_a_loadable_model(setup):
     assert TextToImagePipeline.from_pretrained(model)("a red circle", num_inference_steps=2)
 
 
+def test_validation_grids_draw_with_every_sample_setting(setup, tmp_path, monkeypatch):
+    """[sample] n, eta and guidance_rescale reach the sampler, not just steps and guidance."""
+    from ldmkit.pipeline import TextToImagePipeline
+
+    root, _, vae_dir, overrides = setup
+    seen = []
+    real = TextToImagePipeline.generate_latents
+
+    def spy(self, prompts, *args, **kwargs):
+        seen.append((list(prompts), args, kwargs))
+        return real(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(TextToImagePipeline, "generate_latents", spy)
+    cfg = load_config(None, overrides + ["train.steps=2", "train.sample_every=2", "sample.n=3",
+                                         "sample.sampler=ddim", "sample.eta=0.5",
+                                         "sample.guidance_rescale=0.2", "sample.seed=7"])
+    train_diffusion(cfg, vae_dir, tmp_path / "run")
+    prompts, args, kwargs = seen[-1]
+    assert prompts == ["a red circle"] * 3
+    assert args[:3] == (None, 2, cfg.sample.guidance) and args[3] == "ddim"
+    assert args[4].initial_seed() == 7
+    assert kwargs == {"eta": 0.5, "guidance_rescale": 0.2}
+
+
 def test_latent_cache_is_built_once_and_reused(setup, monkeypatch):
     root, cfg, vae_dir, _ = setup
     calls = []

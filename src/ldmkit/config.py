@@ -264,8 +264,8 @@ class TrainConfig:
     validation_prompts: list[str] = _opt(["a red circle", "a blue square on the left",
                                           "a small green triangle at the top",
                                           "a yellow cross left of a purple square"],
-                                         doc="prompts of the validation grids (4 images each, "
-                                             "sampled with [sample])")
+                                         doc="prompts of the validation grids (sample.n "
+                                             "images each, sampled with [sample])")
 
 
 @dataclass
@@ -279,9 +279,10 @@ class SampleConfig:
     guidance: float = _opt(HEADLINE.guidance, lo=0.0, doc="classifier-free guidance scale w (1 = "
                                                           "none)")
     guidance_rescale: float = _opt(HEADLINE.guidance_rescale, lo=0.0, hi=1.0,
-                                   doc="not read yet (the grids use the headline's rescale)")
-    eta: float = _opt(0.0, lo=0.0, hi=1.0, doc="not read yet (DDIM's eta)")
-    n: int = _opt(8, lo=1, doc="not read yet (the grids draw 4 per prompt)")
+                                   doc="guidance rescale phi (Lin et al. 2023): 0 = off")
+    eta: float = _opt(0.0, lo=0.0, hi=1.0, doc="DDIM's eta: 0 = deterministic, 1 = DDPM-like "
+                                               "noise (ddim only)")
+    n: int = _opt(4, lo=1, hi=16, doc="images per validation prompt (one row of the grid)")
     seed: int = _opt(0, lo=0, doc="seed of the grids' noise, the same at every step")
 
 

@@ -255,14 +255,15 @@ class _Run:
         prompts = self.cfg.train.validation_prompts
         if not prompts:
             return
-        s, per_prompt = self.cfg.sample, 4
+        s = self.cfg.sample
         pipe = self.pipeline()
+        captions = [p for p in prompts for _ in range(s.n)]
         images = pipe.decode(pipe.generate_latents(
-            [p for p in prompts for _ in range(per_prompt)], None, s.steps, s.guidance,
-            s.sampler, torch.Generator().manual_seed(s.seed)))
-        captions = [p for p in prompts for _ in range(per_prompt)]
+            captions, None, s.steps, s.guidance, s.sampler,
+            torch.Generator().manual_seed(s.seed), eta=s.eta,
+            guidance_rescale=s.guidance_rescale))
         path = self.out_dir / "samples" / f"step-{step:07d}.png"
-        save_image_grid(images, path, nrow=per_prompt, captions=captions)
+        save_image_grid(images, path, nrow=s.n, captions=captions)
         if self.trackers.names:  # the very picture written to samples/
             from PIL import Image
 
