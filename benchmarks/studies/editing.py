@@ -46,6 +46,7 @@ from ldmkit.data.shapes import (  # noqa: E402
     ShapeObject,
     render_scene,
     sample_scene,
+    with_articles,
 )
 from ldmkit.diffusion.registry import HEADLINE  # noqa: E402
 
@@ -66,7 +67,7 @@ def img2img_cases(n: int, size: int, seed: int = 11):
     scenes = [sample_scene(rng, 0.0) for _ in range(n)]
     pictures = [render_scene(s, size, rng) for s in scenes]
     colours = [other(rng, COLORS, s.objects[0].color) for s in scenes]
-    prompts = [f"a {c} {s.objects[0].shape}" for c, s in zip(colours, scenes)]
+    prompts = [with_articles(f"a {c} {s.objects[0].shape}") for c, s in zip(colours, scenes)]
     return pictures, scenes, colours, prompts
 
 
@@ -91,8 +92,8 @@ def inpaint_cases(n: int, size: int, seed: int = 12):
         scenes.append(Scene((left, right), "left of"))
         news.append(new)
     pictures = [render_scene(s, size, rng) for s in scenes]
-    prompts = [f"a {a.color} {a.shape} left of a {s.objects[1].color} {s.objects[1].shape}"
-               for a, s in zip(news, scenes)]
+    prompts = [with_articles(f"a {a.color} {a.shape} left of a {s.objects[1].color} "
+                         f"{s.objects[1].shape}") for a, s in zip(news, scenes)]
     return pictures, scenes, news, prompts
 
 

@@ -101,7 +101,8 @@ def pink_prompts(n: int) -> tuple[list[str], list[str]]:
     from ldmkit.evaluation.prompts import prompt_set
 
     own = [p for p in prompt_set("single", 4 * n, PROMPT_SEED) if COLOUR_WORD.search(p)][:n]
-    return [COLOUR_WORD.sub(COLOUR, p, count=1) for p in own], own
+    pink = [COLOUR_WORD.sub(COLOUR, p, count=1) for p in own]
+    return [re.sub(rf"\ban {COLOUR}\b", f"a {COLOUR}", p) for p in pink], own  # "an orange"
 
 
 def read_pink(pipe, evaluator: FidelityEvaluator, n: int) -> tuple[dict, torch.Tensor]:

@@ -186,7 +186,7 @@ def _fields(obj: ShapeObject, suffix: str = "") -> dict[str, str]:
             f"tag{suffix}": _POSITION_TAGS[obj.position]}
 
 
-def _articles(text: str) -> str:
+def with_articles(text: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
@@ -199,7 +199,7 @@ def caption_scene(scene: Scene, rng: np.random.Generator, template: int | None =
         fields = {**_fields(scene.objects[0], "0"), **_fields(scene.objects[1], "1"),
                   "relation": scene.relation, "inverse": INVERSE_RELATION[scene.relation]}
     index = int(rng.integers(len(templates))) if template is None else template
-    return _articles(templates[index].format(**fields))
+    return with_articles(templates[index].format(**fields))
 
 
 def describe(scene: Scene) -> str:
