@@ -64,7 +64,8 @@ def test_validation_grids_draw_with_every_sample_setting(setup, tmp_path, monkey
                                          "sample.sampler=ddim", "sample.eta=0.5",
                                          "sample.guidance_rescale=0.2", "sample.seed=7"])
     train_diffusion(cfg, vae_dir, tmp_path / "run")
-    prompts, args, kwargs = seen[-1]
+    assert len(seen) == 1  # the last step's grid once, not again when the run finishes
+    prompts, args, kwargs = seen[0]
     assert prompts == ["a red circle"] * 3
     assert args[:3] == (None, 2, cfg.sample.guidance) and args[3] == "ddim"
     assert args[4].initial_seed() == 7

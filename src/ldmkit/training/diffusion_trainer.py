@@ -282,8 +282,8 @@ class _Run:
         pipe.save_pretrained(result.model_dir)
         plot_metrics(self.out_dir / "metrics.jsonl", ["loss"], self.out_dir / "loss.png",
                      f"diffusion loss ({self.cfg.diffusion.objective}-prediction)")
-        if self.cfg.train.validation_prompts:
-            self.validation_grid(result.steps)
+        if self.cfg.train.validation_prompts and result.steps % self.cfg.train.sample_every:
+            self.validation_grid(result.steps)  # the last step, unless the loop drew it
         t = self.cfg.train
         write_json_atomic(self.out_dir / "summary.json", {
             "steps": result.steps, "train_seconds": result.train_seconds,
