@@ -106,6 +106,19 @@ def test_fine_tuning_through_the_cli_changes_the_weights(model, tmp_path):
 # ----------------------------------------------------------------------------- LoRA
 
 
+def test_a_lora_run_s_hint_names_the_decoder_it_was_trained_on(model, tmp_path, capsys):
+    """`sample --lora` on the base model decodes with the base VAE: an adapter trained on
+    another decoder is shown with its --vae, one trained on the model's own without."""
+    for vae, run in ((None, "own"), (model / "vae", "given")):
+        extra = [] if vae is None else ["--vae", str(vae)]
+        assert main(["train", "--init-from", str(model), "--out", str(tmp_path / run), *extra,
+                     *RUN, "lora.rank=2"]) == 0
+        hint = next(line for line in capsys.readouterr().out.splitlines()
+                    if line.startswith("LoRA adapter saved"))
+        assert ("--vae" in hint) == (vae is not None), hint
+        assert f"--lora {tmp_path / run / 'lora'}" in hint
+
+
 def test_a_lora_run_trains_only_the_adapter_and_saves_it(model, tmp_path):
     cfg = model_config(model, RUN + ["lora.rank=2", "train.lr=1e-2"])
     run = train_diffusion(cfg, model / "vae", tmp_path / "lora", init_from=model)

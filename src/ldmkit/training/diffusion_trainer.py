@@ -74,9 +74,10 @@ def cli_train(args: argparse.Namespace) -> int:
     if is_main_process():
         print(f"model saved to {run.model_dir}  (try: ldmkit sample --model {run.model_dir} "
               f"--prompt 'a red circle' --out samples)")
-        if run.adapter_dir is not None:
+        if run.adapter_dir is not None:  # an adapter trained on another decoder needs it
+            with_vae = "" if args.vae is None else f" --vae {args.vae}"
             print(f"LoRA adapter saved to {run.adapter_dir}  (ldmkit sample --model "
-                  f"{init_from} --lora {run.adapter_dir} ...)")
+                  f"{init_from}{with_vae} --lora {run.adapter_dir} ...)")
     return 0
 
 
