@@ -13,6 +13,9 @@ question, not library features: they reuse the pipeline's denoiser, schedule and
   independently to every level of the run, the DDPM noise that would carry each level to
   the next under the source prompt solved for, then the target prompt's ancestral sampler
   run with exactly that noise. Optionally under a DiffEdit mask too.
+- **Prompt-to-prompt** (Hertz et al. 2023) on that inversion: for the first half of the
+  run's steps the target pass uses the source pass's cross-attention maps (the new words
+  go where the old ones went); `Attention.forward` is swapped for one that exposes them.
 
 DDPM posterior on the 20-step grid, w as given, guidance rescale 0.7, fixed seeds.
 
@@ -45,7 +48,54 @@ RUNS = [("diffedit", 0.5, 0.8, 10.0), ("diffedit", 0.25, 0.8, 10.0),
         ("inversion", None, 0.6, 10.0), ("inversion", None, 0.7, 10.0),
         ("inversion", None, 0.8, 5.0), ("inversion", None, 0.8, 10.0),
         ("inversion", 0.5, 0.8, 10.0), ("inversion", 0.25, 0.8, 10.0),
-        ("inversion", 0.25, 0.7, 10.0)]
+        ("inversion", 0.25, 0.7, 10.0),
+        ("prompt-to-prompt", None, 0.7, 10.0), ("prompt-to-prompt", None, 0.8, 5.0),
+        ("prompt-to-prompt", None, 0.8, 10.0)]
+P2P_FRACTION = 0.5  # of the run's steps that take the source's cross-attention maps
+
+
+class CrossAttentionMaps:
+    """While `mode` is "record", every cross-attention call keeps its maps (in call order);
+    while "inject", the conditional rows take the recorded maps instead (the
+    unconditional rows of a [uncond; cond] guided batch keep their own)."""
+
+    def __init__(self):
+        self.mode, self.maps, self.calls = None, [], 0
+
+    def start(self, mode: str | None) -> None:
+        self.mode, self.calls = mode, 0
+        if mode == "record":
+            self.maps = []
+
+    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
+        if self.mode == "record":
+            self.maps.append(probs)
+        elif self.mode == "inject":
+            source = self.maps[self.calls]
+            self.calls += 1
+            n = len(source)
+            probs = torch.cat([probs[:n], source]) if len(probs) == 2 * n else source
+        return probs
+
+
+def exposing_attention(maps: CrossAttentionMaps):
+    """A replacement for layers.Attention.forward: the same maths with the softmax spelled
+    out, its cross-attention probabilities passed through `maps`."""
+    def forward(self, x, context=None, context_mask=None):
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        source = tokens if context is None else context
+        q, k, v = (self._heads(p(s)) for p, s in
+                   ((self.to_q, tokens), (self.to_k, source), (self.to_v, source)))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if context is not None and context_mask is not None:
+            logits = logits.masked_fill(~context_mask.bool()[:, None, None, :], float("-inf"))
+        probs = logits.float().softmax(-1).to(v.dtype)
+        if context is not None:
+            probs = maps(probs)
+        out = (probs @ v).transpose(1, 2).reshape(b, h * w, c)
+        return x + self.to_out(out).transpose(1, 2).reshape(b, c, h, w)
+    return forward
 
 
 @torch.no_grad()
@@ -77,7 +127,8 @@ def posterior(x, x0, hi, lo) -> tuple[torch.Tensor, float]:
 
 
 @torch.no_grad()
-def inversion_edit(pipe, known, prompts, sources, strength, w, mask=None) -> torch.Tensor:
+def inversion_edit(pipe, known, prompts, sources, strength, w, mask=None,
+                   maps: CrossAttentionMaps | None = None) -> torch.Tensor:
     levels = pipe.schedule.sampling_levels(STEPS)
     first = start_index(STEPS, strength)
     g = torch.Generator().manual_seed(0)
@@ -93,11 +144,26 @@ def inversion_edit(pipe, known, prompts, sources, strength, w, mask=None) -> tor
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for k, i in enumerate(range(first, STEPS)):
             t = torch.full((len(known),), levels[i].t)
+            if maps is not None:
+                maps.start("record")
             mean, std = posterior(xs[k], d_source(xs[k], t)[0].float(), levels[i], levels[i + 1])
             z = (xs[k + 1] - mean) / std if std else 0.0
+            if maps is not None:
+                maps.start("inject" if k < P2P_FRACTION * (STEPS - first) else None)
             mean, std = posterior(x, d_target(x, t)[0].float(), levels[i], levels[i + 1])
             x = mean + std * z
     return x
+
+
+def prompt_to_prompt(pipe, known, prompts, sources, strength, w) -> torch.Tensor:
+    from ldmkit.models import layers
+
+    maps, original = CrossAttentionMaps(), layers.Attention.forward
+    layers.Attention.forward = exposing_attention(maps)
+    try:
+        return inversion_edit(pipe, known, prompts, sources, strength, w, maps=maps)
+    finally:
+        layers.Attention.forward = original
 
 
 @torch.no_grad()
@@ -151,8 +217,10 @@ def main() -> None:
                                                             threshold)
         if method == "diffedit":
             latents = diffedit_edit(pipe, known, prompts, strength, w, mask)
-        else:
+        elif method == "inversion":
             latents = inversion_edit(pipe, known, prompts, sources, strength, w, mask)
+        else:
+            latents = prompt_to_prompt(pipe, known, prompts, sources, strength, w)
         key = (f"{method}, mask {'none' if threshold is None else f'> {threshold:g}'}, "
                f"strength {strength:g}, w {w:g}")
         rows[key] = counts(judge, edited_images(pipe, latents, known, mask), scenes, colours)
