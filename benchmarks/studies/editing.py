@@ -113,26 +113,31 @@ def edit(pipe, prompts, pictures, strength: float, mask=None,
                             guidance_rescale=HEADLINE.guidance_rescale, bf16=True)
 
 
-def measure_img2img(pipe, judge) -> tuple[dict, dict[str, torch.Tensor], list]:
+def recolour_counts(judge, images, scenes, colours) -> dict[str, float]:
+    """Fractions of the recoloured pictures the judge reads with the new colour, the old
+    shape, place and size, and the first three together."""
     from ldmkit.evaluation.judge import judge_images
 
+    tally = {"colour": 0, "shape": 0, "place": 0, "size": 0, "all_three": 0}
+    for seen, truth, colour in zip(judge_images(judge, images), scenes, colours):
+        if len(seen.objects) != 1:
+            continue
+        got, old = seen.objects[0], truth.objects[0]
+        ok = {"colour": got.color == colour, "shape": got.shape == old.shape,
+              "place": got.position == old.position, "size": got.size == old.size}
+        ok["all_three"] = ok["colour"] and ok["shape"] and ok["place"]
+        for k, v in ok.items():
+            tally[k] += v
+    return {k: v / len(scenes) for k, v in tally.items()}
+
+
+def measure_img2img(pipe, judge) -> tuple[dict, dict[str, torch.Tensor], list]:
     pictures, scenes, colours, prompts = img2img_cases(N, pipe.image_size)
     rows, images = {}, {}
     for guidance, strength in itertools.product(IMG2IMG_GUIDANCE, STRENGTHS):
         key = f"w {guidance:g}, strength {strength:g}"
         images[key] = edit(pipe, prompts, pictures, strength, guidance=guidance)
-        judged = judge_images(judge, images[key])
-        counts = {"colour": 0, "shape": 0, "place": 0, "size": 0, "all_three": 0}
-        for seen, truth, colour in zip(judged, scenes, colours):
-            if len(seen.objects) != 1:
-                continue
-            got, old = seen.objects[0], truth.objects[0]
-            ok = {"colour": got.color == colour, "shape": got.shape == old.shape,
-                  "place": got.position == old.position, "size": got.size == old.size}
-            ok["all_three"] = ok["colour"] and ok["shape"] and ok["place"]
-            for k, v in ok.items():
-                counts[k] += v
-        rows[key] = {k: v / N for k, v in counts.items()}
+        rows[key] = recolour_counts(judge, images[key], scenes, colours)
         print(f"img2img {key}: {rows[key]}", flush=True)
     return rows, images, pictures
 

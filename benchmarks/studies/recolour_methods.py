@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # editing.py: the same cases
 import torch  # noqa: E402
-from editing import N, img2img_cases  # noqa: E402
+from editing import N, img2img_cases, recolour_counts  # noqa: E402
 
 from benchlib import DEMO_MODEL, RESULTS_DIR, machine_info  # noqa: E402
 from ldmkit.data.shapes import with_articles  # noqa: E402
@@ -177,22 +177,6 @@ def diffedit_edit(pipe, known, prompts, strength, w, mask) -> torch.Tensor:
                         bf16=True, start=first, known=(known, mask))
 
 
-def counts(judge, images, scenes, colours) -> dict[str, float]:
-    from ldmkit.evaluation.judge import judge_images
-
-    tally = {"colour": 0, "shape": 0, "place": 0, "size": 0, "all_three": 0}
-    for seen, truth, colour in zip(judge_images(judge, images), scenes, colours):
-        if len(seen.objects) != 1:
-            continue
-        got, old = seen.objects[0], truth.objects[0]
-        ok = {"colour": got.color == colour, "shape": got.shape == old.shape,
-              "place": got.position == old.position, "size": got.size == old.size}
-        ok["all_three"] = ok["colour"] and ok["shape"] and ok["place"]
-        for k, v in ok.items():
-            tally[k] += v
-    return {k: v / len(scenes) for k, v in tally.items()}
-
-
 def main() -> None:
     from ldmkit.edit_inputs import fit_image
     from ldmkit.editing import edited_images
@@ -223,7 +207,8 @@ def main() -> None:
             latents = prompt_to_prompt(pipe, known, prompts, sources, strength, w)
         key = (f"{method}, mask {'none' if threshold is None else f'> {threshold:g}'}, "
                f"strength {strength:g}, w {w:g}")
-        rows[key] = counts(judge, edited_images(pipe, latents, known, mask), scenes, colours)
+        images = edited_images(pipe, latents, known, mask)
+        rows[key] = recolour_counts(judge, images, scenes, colours)
         if mask is not None:
             rows[key]["mask_cells"] = round(float((mask == 1).float().mean()), 3)
         print(f"{key}: {rows[key]}", flush=True)
