@@ -20,7 +20,7 @@ question, not library features: they reuse the pipeline's denoiser, schedule and
 DDPM posterior on the 20-step grid, w as given, guidance rescale 0.7, fixed seeds.
 
     .venv/bin/python benchmarks/studies/recolour_methods.py runs/demo/model
-    -> benchmarks/results/recolour_methods.json
+    -> benchmarks/results/recolour_methods.json, recolour_methods.png
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ RUNS = [("diffedit", 0.5, 0.8, 10.0), ("diffedit", 0.25, 0.8, 10.0),
         ("inversion", 0.25, 0.7, 10.0),
         ("prompt-to-prompt", None, 0.7, 10.0), ("prompt-to-prompt", None, 0.8, 5.0),
         ("prompt-to-prompt", None, 0.8, 10.0)]
+FIGURE_RUNS = ("inversion, mask > 0.25, strength 0.7, w 10",
+               "prompt-to-prompt, mask none, strength 0.8, w 5")  # the best of each kind
 P2P_FRACTION = 0.5  # of the run's steps that take the source's cross-attention maps
 
 
@@ -177,6 +179,23 @@ def diffedit_edit(pipe, known, prompts, strength, w, mask) -> torch.Tensor:
                         bf16=True, start=first, known=(known, mask))
 
 
+FIGURE_COLUMNS = 8
+
+
+def figure_of(pictures, prompts, figure_rows, path: Path) -> Path:
+    """The first pictures with their prompts, then the best run of each method below."""
+    from ldmkit.edit_inputs import fit_image
+    from ldmkit.viz import save_image_grid
+
+    first = torch.stack([fit_image(p, p.size[0]) for p in pictures[:FIGURE_COLUMNS]])
+    rows, captions = [first], list(prompts[:FIGURE_COLUMNS])
+    for key in FIGURE_RUNS:
+        rows.append(figure_rows[key])
+        captions += [key] + [""] * (FIGURE_COLUMNS - 1)
+    save_image_grid(torch.cat(rows), path, nrow=FIGURE_COLUMNS, captions=captions, scale=4)
+    return path
+
+
 def main() -> None:
     from ldmkit.edit_inputs import fit_image
     from ldmkit.editing import edited_images
@@ -195,7 +214,7 @@ def main() -> None:
     pictures, scenes, colours, prompts = img2img_cases(N, pipe.image_size)
     sources = [with_articles(f"a {s.objects[0].color} {s.objects[0].shape}") for s in scenes]
     known = pipe.encode_images(torch.stack([fit_image(p, pipe.image_size) for p in pictures]))
-    rows = {}
+    rows, figure_rows = {}, {}
     for method, threshold, strength, w in RUNS:
         mask = None if threshold is None else diffedit_mask(pipe, known, prompts, sources,
                                                             threshold)
@@ -209,13 +228,15 @@ def main() -> None:
                f"strength {strength:g}, w {w:g}")
         images = edited_images(pipe, latents, known, mask)
         rows[key] = recolour_counts(judge, images, scenes, colours)
+        figure_rows[key] = images[:FIGURE_COLUMNS]
         if mask is not None:
             rows[key]["mask_cells"] = round(float((mask == 1).float().mean()), 3)
         print(f"{key}: {rows[key]}", flush=True)
+    figure = figure_of(pictures, prompts, figure_rows, args.out.with_suffix(".png"))
     write_json_atomic(args.out, {"machine": machine_info(), "model": str(args.model), "n": N,
                                  "steps": STEPS, "guidance_rescale": HEADLINE.guidance_rescale,
                                  "runs": rows})
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {figure}")
 
 
 if __name__ == "__main__":
