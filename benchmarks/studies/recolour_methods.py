@@ -317,15 +317,16 @@ def main() -> None:
     words = [{s.objects[0].color, s.objects[0].shape} for s in scenes]
     rows, figure_rows = {}, {}
     for method, threshold, strength, w in RUNS:
-        if method == "prompt-to-prompt":
+        if method == "prompt-to-prompt":  # its threshold is the local blend's, or None
             latents, mask = prompt_to_prompt(pipe, known, prompts, sources, words, strength,
                                              w, threshold)
         else:
-            mask = diffedit_mask(pipe, known, prompts, sources, threshold) \
-                if threshold is not None else None
-            latents = diffedit_edit(pipe, known, prompts, strength, w, mask) \
-                if method == "diffedit" else \
-                inversion_edit(pipe, known, prompts, sources, strength, w, mask)
+            mask = None if threshold is None else diffedit_mask(pipe, known, prompts,
+                                                                sources, threshold)
+            if method == "diffedit":
+                latents = diffedit_edit(pipe, known, prompts, strength, w, mask)
+            else:
+                latents = inversion_edit(pipe, known, prompts, sources, strength, w, mask)
         key = f"{method}, {mask_name(threshold)}, strength {strength:g}, w {w:g}"
         images = edited_images(pipe, latents, known, mask)
         rows[key] = recolour_counts(judge, images, scenes, colours)
