@@ -349,6 +349,20 @@ def sizes(quick: bool) -> Sizes:
     return QUICK if quick else FULL
 
 
+def run_study(main: Callable[[], int | None]) -> None:
+    """Run a study's `main` as a command: a user mistake (a path that is not a model
+    folder, a bad judge file) is one line on stderr and exit 2, as `ldmkit` does, not a
+    traceback."""
+    from ldmkit.errors import UserError
+
+    try:
+        code = main()
+    except UserError as exc:
+        print(f"{Path(sys.argv[0]).stem}: error: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code or 0)
+
+
 def judge_demo_models(description: str, default_out: Path, measure: Callable,
                       header: dict) -> None:
     """The command line of a paired-fidelity benchmark on trained demo models: for each

@@ -297,3 +297,21 @@ def test_binding_sweep_collects_a_workers_last_line_and_says_why_when_there_is_n
     start = time.monotonic()
     row = binding._collect(hung, "v", 2)
     assert row["steps"] is None and time.monotonic() - start < 10
+
+
+def test_a_study_given_a_path_that_is_not_a_model_stops_in_one_line_with_exit_2(
+        capsys, monkeypatch):
+    from ldmkit.errors import UserError
+
+    def main():
+        raise UserError("README.md: model folder not found")
+
+    monkeypatch.setattr(sys, "argv", ["benchmarks/studies/recolour_methods.py", "README.md"])
+    with pytest.raises(SystemExit) as stop:
+        benchlib.run_study(main)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "recolour_methods: error: README.md: model folder not found\n")
+    with pytest.raises(SystemExit) as stop:
+        benchlib.run_study(lambda: 3)  # a study's own exit code passes through
+    assert stop.value.code == 3

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from binding import train_shared_vae  # noqa: E402
 
-from benchlib import DEMO_CONFIG, RESULTS_DIR  # noqa: E402
+from benchlib import DEMO_CONFIG, RESULTS_DIR, run_study  # noqa: E402
 from ldmkit.config import load_config  # noqa: E402
 from ldmkit.io import read_json, write_json_atomic  # noqa: E402
 
@@ -183,4 +183,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_study(main)

@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
-from benchlib import RESULTS_DIR, machine_info  # noqa: E402
+from benchlib import RESULTS_DIR, machine_info, run_study  # noqa: E402
 from ldmkit.config import load_config  # noqa: E402
 from ldmkit.data import build_dataset, shapes  # noqa: E402
 from ldmkit.data.memory import materialize  # noqa: E402
@@ -103,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_study(main)

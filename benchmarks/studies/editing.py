@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchlib import DEMO_MODEL, RESULTS_DIR, machine_info  # noqa: E402
+from benchlib import DEMO_MODEL, RESULTS_DIR, machine_info, run_study  # noqa: E402
 from ldmkit.data.shapes import (  # noqa: E402
     COLORS,
     SHAPES,
@@ -242,4 +242,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_study(main)

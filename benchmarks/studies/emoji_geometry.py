@@ -23,9 +23,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchlib import run_study  # noqa: E402
 from ldmkit.config import load_config  # noqa: E402
 from ldmkit.data.emoji import EmojiImages, load_split  # noqa: E402
 from ldmkit.evaluation.emoji_judge import Classes, accuracy, load_emoji_judge  # noqa: E402
@@ -101,4 +103,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_study(main)

@@ -21,7 +21,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
-from benchlib import RESULTS_DIR, judge_demo_models  # noqa: E402
+from benchlib import RESULTS_DIR, judge_demo_models, run_study  # noqa: E402
 from ldmkit.diffusion.registry import HEADLINE  # noqa: E402
 from ldmkit.evaluation.fidelity import PROMPT_SETS, Entry, FidelityEvaluator  # noqa: E402
 
@@ -46,5 +46,6 @@ def measure(model: Path, evaluator: FidelityEvaluator, n: int) -> dict:
 
 
 if __name__ == "__main__":
-    judge_demo_models(__doc__.split("\n\n")[0], RESULTS_DIR / "guidance_rescale.json",
-                      measure, {"guidance": HEADLINE.guidance, "sampler": HEADLINE.sampler})
+    run_study(lambda: judge_demo_models(
+        __doc__.split("\n\n")[0], RESULTS_DIR / "guidance_rescale.json", measure,
+        {"guidance": HEADLINE.guidance, "sampler": HEADLINE.sampler}))

@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
-from benchlib import RESULTS_DIR, machine_info, set_threads  # noqa: E402
+from benchlib import RESULTS_DIR, machine_info, run_study, set_threads  # noqa: E402
 from ldmkit.io import write_json_atomic  # noqa: E402
 
 EVAL_SEED = 1234  # judge.json's
@@ -107,10 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from ldmkit.errors import UserError
-
-    try:
-        main()
-    except UserError as exc:  # a missing or bad judge file: one line, exit 2
-        print(f"judge_off_grid: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_study(main)

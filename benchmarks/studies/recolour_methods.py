@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # editing.py: the same
 import torch  # noqa: E402
 from editing import N, img2img_cases, recolour_counts  # noqa: E402
 
-from benchlib import DEMO_MODEL, RESULTS_DIR, machine_info  # noqa: E402
+from benchlib import DEMO_MODEL, RESULTS_DIR, machine_info, run_study  # noqa: E402
 from ldmkit.data.shapes import with_articles  # noqa: E402
 from ldmkit.diffusion.editing import KnownRegion, start_index  # noqa: E402
 from ldmkit.diffusion.registry import HEADLINE  # noqa: E402
@@ -342,4 +342,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_study(main)

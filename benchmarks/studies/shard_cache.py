@@ -30,7 +30,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
-from benchlib import DEMO_CONFIG, RESULTS_DIR, machine_info, peak_rss_mb, set_threads
+from benchlib import (
+    DEMO_CONFIG,
+    RESULTS_DIR,
+    machine_info,
+    peak_rss_mb,
+    run_study,
+    set_threads,
+)
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "cross"]
@@ -155,4 +162,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_study(main)

@@ -47,7 +47,7 @@ os.environ["OMP_NUM_THREADS"] = "1"  # the children too: CPU seconds on one core
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
 import torch  # noqa: E402
 
-from benchlib import DEMO_CONFIG, DEMO_MODEL, RESULTS_DIR, ROOT, machine_info  # noqa: E402
+from benchlib import DEMO_CONFIG, DEMO_MODEL, RESULTS_DIR, ROOT, machine_info, run_study  # noqa: E402
 from ldmkit.data.shapes import COLORS  # noqa: E402
 from ldmkit.diffusion.registry import HEADLINE  # noqa: E402
 from ldmkit.evaluation.fidelity import PROMPT_SETS, Entry, FidelityEvaluator  # noqa: E402
@@ -220,4 +220,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_study(main)

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchlib: benchmarks/
-from benchlib import RESULTS_DIR, machine_info, set_threads  # noqa: E402
+from benchlib import RESULTS_DIR, machine_info, run_study, set_threads  # noqa: E402
 from ldmkit.io import write_json_atomic  # noqa: E402
 
 PAIRS = [("purple", "triangle"), ("orange", "circle"),  # held out
@@ -83,4 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_study(main)
