@@ -28,6 +28,7 @@ from ldmkit.diffusion.registry import HEADLINE
 from ldmkit.editing import EditInputs, edit_latents, edited_images, prepare_edit
 from ldmkit.errors import UserError
 from ldmkit.io import read_json, write_json_atomic
+from ldmkit.layout_edit import check_layout_edit, layout_edit_latents
 from ldmkit.models.denoiser import FolderModel, load_denoiser
 from ldmkit.models.text import TextEmbeddings, TextEncoder, check_prompts
 from ldmkit.models.vae import AutoencoderKL
@@ -207,14 +208,23 @@ class TextToImagePipeline:
                     generator: torch.Generator | None = None,
                     callback: StepCallback | None = None, eta: float = 0.0,
                     guidance_rescale: float = HEADLINE.guidance_rescale,
-                    bf16: bool = False) -> torch.Tensor:
+                    bf16: bool = False, source_prompt: str | Sequence[str] | None = None,
+                    blend_words: Sequence[str] | None = None) -> torch.Tensor:
         """img2img / inpainting images in [-1, 1] for prompts and a checked `edit` (one row
-        per prompt; see editing.prepare_edit), through `denoise`."""
+        per prompt; see editing.prepare_edit), through `denoise`; with `source_prompt`, a
+        layout edit (layout_edit.py) instead."""
         prompts = self._checked(prompts, negative_prompt, num_inference_steps, guidance_scale,
                                 sampler, guidance_rescale, eta)
-        latents, known, lmask = edit_latents(self, prompts, edit, negative_prompt,
-                                             num_inference_steps, guidance_scale, sampler,
-                                             generator, callback, eta, guidance_rescale, bf16)
+        if source_prompt is None:
+            latents, known, lmask = edit_latents(
+                self, prompts, edit, negative_prompt, num_inference_steps, guidance_scale,
+                sampler, generator, callback, eta, guidance_rescale, bf16)
+        else:
+            check_layout_edit(edit.masks)
+            latents, known, lmask = layout_edit_latents(
+                self, prompts, source_prompt, edit.images, edit.strength,
+                num_inference_steps, guidance_scale, guidance_rescale, generator, bf16,
+                blend_words, negative_prompt, callback)
         return edited_images(self, latents, known, lmask)
 
     @torch.no_grad()
@@ -230,23 +240,32 @@ class TextToImagePipeline:
                  callback: StepCallback | None = None, num_images_per_prompt: int = 1,
                  eta: float = 0.0, guidance_rescale: float = HEADLINE.guidance_rescale,
                  image=None, mask=None, strength: float | None = None,
-                 resample_steps: int = 0, mask_feather: int = 1) -> list[Image.Image]:
+                 resample_steps: int = 0, mask_feather: int = 1,
+                 source_prompt: str | Sequence[str] | None = None,
+                 blend_words: Sequence[str] | None = None) -> list[Image.Image]:
         """PIL images, `num_images_per_prompt` per prompt; deterministic for a generator.
         `callback(step_index, t, x_t, x0_hat)` sees every step (latents, scaled).
 
         img2img: `image` (PIL image, path or bytes; or one per image) and `strength` in
         0..1 (default 0.8): 0 gives the picture's VAE round trip, 1 text-to-image.
         Inpainting: also `mask` (white = repaint; strength default 1), `mask_feather`
-        latent cells of soft edge, `resample_steps` RePaint passes (docs/editing.md)."""
+        latent cells of soft edge, `resample_steps` RePaint passes (docs/editing.md).
+        Layout edit: also `source_prompt` (what the picture shows, e.g. "a red square"):
+        the new prompt's change with the picture's shapes and places kept (layout_edit.py;
+        the DDPM posterior is its sampler; guidance_scale 20 in the study); `blend_words`
+        the words whose attention bounds the change (default the source's content words)."""
         prompts = check_prompts(prompt)
         check_count(num_images_per_prompt, "num_images_per_prompt")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        if image is not None or mask is not None or strength is not None:
+        if image is not None or mask is not None or strength is not None \
+                or source_prompt is not None:
             edit = prepare_edit(image, mask, len(prompts), self.image_size, strength,
                                 resample_steps, mask_feather)
             return to_pil(self.edit_images(prompts, edit, negative_prompt,
                                            num_inference_steps, guidance_scale, sampler,
-                                           generator, callback, eta, guidance_rescale))
+                                           generator, callback, eta, guidance_rescale,
+                                           source_prompt=source_prompt,
+                                           blend_words=blend_words))
         images = []
         for start in range(0, len(prompts), CHUNK):  # decode as chunks finish
             latents = self.generate_latents(prompts[start:start + CHUNK], negative_prompt,

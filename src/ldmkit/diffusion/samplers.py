@@ -83,10 +83,18 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, schedule, steps: int,
             callback(i, now.t, x, x0)
         if nxt.sigma == 0:  # the clean level: the posterior is x0 itself
             return x0
-        e = _exp_neg_h(now, nxt)
-        x = nxt.alpha * (1.0 - e * e) * x0 + (nxt.sigma / now.sigma) * e * x
-        x = x + nxt.sigma * math.sqrt(1.0 - e * e) * _noise_like(x, generator)
+        mean, std = ddpm_posterior(x, x0, now, nxt)
+        x = mean + std * _noise_like(x, generator)
     return x
+
+
+def ddpm_posterior(x: torch.Tensor, x0: torch.Tensor, now: Level, nxt: Level
+                   ) -> tuple[torch.Tensor, float]:
+    """(mean, std) of q(x_nxt | x_now = x, x0), for a level `nxt` below `now` with
+    sigma > 0 (the clean level's posterior is x0 itself)."""
+    e = _exp_neg_h(now, nxt)
+    return (nxt.alpha * (1.0 - e * e) * x0 + (nxt.sigma / now.sigma) * e * x,
+            nxt.sigma * math.sqrt(1.0 - e * e))
 
 
 # ----------------------------------------------------------------------------- DDIM
