@@ -165,3 +165,28 @@ def test_the_pipeline_runs_a_layout_edit_and_refuses_what_does_not_fit(pipe):
         kwargs = {"source_prompt": "a red circle", **kwargs}
         with pytest.raises(SamplingArgumentError, match=message):
             pipe(["a blue circle"] * 2, image=picture, num_inference_steps=4, **kwargs)
+
+
+def test_sample_cli_runs_a_layout_edit_and_names_the_flag_it_refuses(tmp_path, capsys):
+    from _tiny_model import make_tiny_model_dir
+    from ldmkit.cli import main
+
+    model = make_tiny_model_dir(tmp_path)
+    Image.fromarray(np.full((SIZE, SIZE, 3), 90, dtype=np.uint8)).save(tmp_path / "in.png")
+    Image.fromarray(np.full((SIZE, SIZE), 255, dtype=np.uint8)).save(tmp_path / "mask.png")
+    common = ["sample", "--model", str(model), "--prompt", "a blue circle", "--n", "2",
+              "--steps", "4", "--guidance", "20"]
+    picture = ["--init-image", str(tmp_path / "in.png")]
+    assert main(common + picture + ["--source-prompt", "a red circle", "--progress",
+                                    "--out", str(tmp_path / "edit")]) == 0
+    for name in ("0000.png", "0001.png", "grid.png", "progress.png"):
+        assert (tmp_path / "edit" / name).is_file(), name
+    for flags, message in (
+            (["--source-prompt", "a red circle"], "--source-prompt: describes --init-image"),
+            (picture + ["--source-prompt", "a red circle", "--mask", str(tmp_path / "mask.png")],
+             "--source-prompt: a layout edit finds its own region"),
+            (picture + ["--source-prompt", "the"], "--source-prompt: 'the' has none")):
+        out = tmp_path / "bad"
+        assert main(common + flags + ["--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()

@@ -87,6 +87,8 @@ def cli_sample(args: argparse.Namespace) -> int:
               "num_inference_steps": request.steps, "guidance_scale": request.guidance,
               "sampler": request.sampler, "generator": generator,
               "guidance_rescale": request.guidance_rescale}
+    if args.source_prompt is not None:
+        kwargs["source_prompt"] = args.source_prompt
     grid: list = []
     with warnings.catch_warnings():  # said once above, not again for every chunk
         warnings.simplefilter("ignore", PromptTruncatedWarning)
@@ -149,6 +151,8 @@ def _edit_inputs(args: argparse.Namespace, pipe: TextToImagePipeline):
         for flag in ("resample_steps", "mask_feather"):  # no edit: nothing they apply to
             if getattr(args, flag) != {"resample_steps": 0, "mask_feather": 1}[flag]:
                 raise SamplingArgumentError(EDIT_FLAGS[flag], "applies to --init-image")
+        if args.source_prompt is not None:
+            raise SamplingArgumentError("--source-prompt", "describes --init-image: give it")
         return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ImageResizedWarning)
@@ -156,7 +160,20 @@ def _edit_inputs(args: argparse.Namespace, pipe: TextToImagePipeline):
                             args.resample_steps, args.mask_feather, fields=EDIT_FLAGS)
     for warning in caught:
         print(f"ldmkit: warning: {warning.message}", file=sys.stderr)
+    if args.source_prompt is not None:
+        _check_source_prompt(pipe, args.source_prompt, edit)
     return edit
+
+
+def _check_source_prompt(pipe: TextToImagePipeline, source_prompt: str, edit) -> None:
+    """What the pipeline would refuse mid-run, refused first, under the flag's name."""
+    from ldmkit.layout_edit import blend_positions, check_layout_edit
+
+    try:
+        check_layout_edit(edit.masks)
+        blend_positions(pipe.text_encoder.tokenizer, source_prompt, None)
+    except SamplingArgumentError as exc:
+        raise SamplingArgumentError("--source-prompt", exc.reason) from None
 
 
 def _edited(pipe: TextToImagePipeline, prompts: list[str], edit, kwargs: dict,
