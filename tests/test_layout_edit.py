@@ -160,7 +160,8 @@ def test_the_pipeline_runs_a_layout_edit_and_refuses_what_does_not_fit(pipe):
     assert [im.size for im in out] == [(SIZE, SIZE)] * 2
     mask = Image.fromarray(np.full((SIZE, SIZE), 255, dtype=np.uint8))
     for kwargs, message in (({"mask": mask}, "source_prompt: a layout edit finds its own"),
-                            ({"source_prompt": ["a", "b", "c"]}, "source_prompt: give one"),
+                            ({"source_prompt": ["a", "b", "c"]}, "source_prompt: must be a "
+                             "string, or one per image"),
                             ({"source_prompt": "the"}, "has none of the words")):
         kwargs = {"source_prompt": "a red circle", **kwargs}
         with pytest.raises(SamplingArgumentError, match=message):

@@ -1,9 +1,10 @@
 """Edits on `ldmkit serve` through TestClient: img2img and inpainting on ldmkit's own
 route, OpenAI's multipart /v1/images/edits and A1111's /sdapi/v1/img2img give the PNG
 bytes of `ldmkit sample --init-image ... --strength ... [--mask ...]` for the same seed;
-edits of different pictures batch without mixing; bad pictures, masks and strengths are
-refused naming the field in each API's words; `ldmkit serve --lora` merges the adapter,
-says so, and refuses one for another model with exit 2."""
+edits of different pictures batch without mixing; a layout edit (`source_prompt`) gives the
+bytes of `ldmkit sample --source-prompt` on every API; bad pictures, masks, strengths and
+source prompts are refused naming the field in each API's words; `ldmkit serve --lora`
+merges the adapter, says so, and refuses one for another model with exit 2."""
 
 from __future__ import annotations
 
@@ -154,6 +155,28 @@ def test_a_larger_square_picture_is_resized_with_a_warning(client):
     assert body["ldmkit"]["warnings"] == ["image: resized from 32x32 to the model's 16x16"]
 
 
+def test_a_layout_edit_on_each_api_is_ldmkit_sample_source_prompt(client, model_dir, files,
+                                                                  tmp_path):
+    want = sample_files(model_dir, tmp_path, "--n", "2", "--seed", str(SEED), "--guidance",
+                        "20", "--init-image", str(files / "picture.png"), "--source-prompt",
+                        "a blue square")
+    native = client.post("/v1/images", json={
+        "prompt": PROMPT, "steps": STEPS, "seed": SEED, "n": 2, "guidance": 20,
+        "image": _b64(_png(picture())), "source_prompt": "a blue square"})
+    assert native.status_code == 200, native.text
+    openai = _openai_edit(client, [_png(picture())], n=2, guidance_scale=20,
+                          source_prompt="a blue square")
+    a1111 = client.post("/sdapi/v1/img2img", json={
+        "prompt": PROMPT, "steps": STEPS, "seed": SEED, "batch_size": 1, "n_iter": 2,
+        "cfg_scale": 20, "init_images": [_b64(_png(picture()))],
+        "source_prompt": "a blue square"})
+    assert _images(native.json()) == _images(openai.json()) == want
+    alone = sample_files(model_dir, tmp_path / "one", "--n", "1", "--seed", str(SEED),
+                         "--guidance", "20", "--init-image", str(files / "picture.png"),
+                         "--source-prompt", "a blue square")
+    assert _images(a1111.json())[0] == alone[0]  # A1111: image i is seed + i, alone
+
+
 def test_a1111_img2img_gives_each_image_at_its_seed(client, model_dir, files, tmp_path):
     reply = client.post("/sdapi/v1/img2img", json={
         "prompt": PROMPT, "steps": STEPS, "seed": SEED, "batch_size": 2,
@@ -247,6 +270,9 @@ OPENAI_REFUSALS = [
     ({"bogus": 1}, "bogus", "Unknown parameter"),
     ({"pictures": []}, "image", "Missing required parameter"),
     ({"resample_steps": 2}, "resample_steps", "give a mask"),
+    ({"source_prompt": "the"}, "source_prompt", "has none of the words"),  # the worker's
+    ({"source_prompt": "a red circle", "mask": _png(clear_left())}, "source_prompt",
+     "finds its own region"),
 ]
 
 
@@ -278,6 +304,10 @@ def test_openai_edit_wants_a_form_with_files(client):
      "mask"),
     ("/v1/images", {"image": _b64(_png(picture())), "mask": _b64(_png(white_left())),
                     "mask_feather": 9}, "mask_feather"),
+    ("/v1/images", {"image": _b64(_png(picture())), "mask": _b64(_png(white_left())),
+                    "source_prompt": "a red circle"}, "source_prompt"),
+    ("/v1/images", {"image": _b64(_png(picture())), "source_prompt": "the"}, "source_prompt"),
+    ("/v1/images", {"source_prompt": "a red circle"}, "image"),
     ("/sdapi/v1/img2img", {"init_images": []}, "init_images"),
     ("/sdapi/v1/img2img", {"init_images": ["not base64!"]}, "init_images"),
     ("/sdapi/v1/img2img", {"init_images": [_b64(b"GIF89a nonsense")]}, "init_images"),

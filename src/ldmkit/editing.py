@@ -38,24 +38,30 @@ FEATHER_MAX = 4
 @dataclass
 class EditInputs:
     """A checked edit: pictures (n, 3, S, S) in [-1, 1], masks (n, 1, S, S) of 0/1 or None,
-    and the run's strength, RePaint passes and mask feather (latent cells)."""
+    and the run's strength, RePaint passes and mask feather (latent cells); with
+    `source_prompt` (what the pictures show: one, or one per picture) a layout edit."""
 
     images: torch.Tensor
     masks: torch.Tensor | None
     strength: float
     resample_steps: int = 0
     mask_feather: int = 1
+    source_prompt: str | list[str] | None = None
 
     def repeat(self, n: int) -> EditInputs:
         """One picture (and mask) made the edit of n images."""
         masks = None if self.masks is None else self.masks[:1].expand(n, -1, -1, -1)
+        source = self.source_prompt
         return EditInputs(self.images[:1].expand(n, -1, -1, -1), masks, self.strength,
-                          self.resample_steps, self.mask_feather)
+                          self.resample_steps, self.mask_feather,
+                          source[0] if isinstance(source, list) else source)
 
     def rows(self, start: int, stop: int) -> EditInputs:
         masks = None if self.masks is None else self.masks[start:stop]
+        source = self.source_prompt
         return EditInputs(self.images[start:stop], masks, self.strength,
-                          self.resample_steps, self.mask_feather)
+                          self.resample_steps, self.mask_feather,
+                          source[start:stop] if isinstance(source, list) else source)
 
 
 def check_feather(value: object, field: str = "mask_feather") -> int:
@@ -68,12 +74,15 @@ def check_feather(value: object, field: str = "mask_feather") -> int:
 
 def prepare_edit(image, mask, n: int, size: int, strength: float | None = None,
                  resample_steps: int = 0, mask_feather: int = 1, mask_from_alpha: bool = False,
-                 fields: dict[str, str] | None = None) -> EditInputs:
+                 fields: dict[str, str] | None = None, source_prompt=None) -> EditInputs:
     """Check and load what an edit starts from, for `n` images of the model's `size`.
-    `image` / `mask`: one each (PIL image, file path or bytes) or a sequence of n.
+    `image` / `mask`: one each (PIL image, file path or bytes) or a sequence of n;
+    `source_prompt` one string or n (a layout edit: no mask).
     `fields` renames the parameters in errors (`--init-image` on the command line)."""
     name = {"image": "image", "mask": "mask", "strength": "strength",
-            "resample_steps": "resample_steps", "mask_feather": "mask_feather", **(fields or {})}
+            "resample_steps": "resample_steps", "mask_feather": "mask_feather",
+            "source_prompt": "source_prompt", **(fields or {})}
+    source_prompt = check_source_prompt(source_prompt, mask, n, name["source_prompt"])
     if image is None:
         raise SamplingArgumentError(name["image"], "is needed for an edit (a mask or a "
                                     "strength applies to a picture)")
@@ -91,7 +100,25 @@ def prepare_edit(image, mask, n: int, size: int, strength: float | None = None,
         given = per_image(mask, n, name["mask"])
         masks = torch.stack([fit_mask(open_image(m, name["mask"]), p.size, size, name["mask"],
                                       mask_from_alpha) for m, p in zip(given, pictures)])
-    return EditInputs(images, masks, strength, resample_steps, mask_feather)
+    return EditInputs(images, masks, strength, resample_steps, mask_feather, source_prompt)
+
+
+def check_source_prompt(value, mask, n: int, field: str) -> str | list[str] | None:
+    """None, one string, or n strings; never with a mask (the layout edit finds its own
+    region from the source prompt's words)."""
+    if value is None:
+        return None
+    if mask is not None:
+        raise SamplingArgumentError(field, "a layout edit finds its own region from the "
+                                    "source prompt's words; give it no mask (or inpaint "
+                                    "without a source prompt)")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) \
+            and len(value) in (1, n):
+        return list(value) * (n // len(value))
+    raise SamplingArgumentError(field, f"must be a string, or one per image ({n}), not "
+                                f"{value!r:.60}")
 
 
 @dataclass

@@ -34,7 +34,6 @@ from ldmkit.diffusion.editing import start_index
 from ldmkit.diffusion.inversion import invert, run_inverted
 from ldmkit.models.attention_maps import AttentionControl, controlled_attention
 from ldmkit.models.layers import Attention
-from ldmkit.models.text import check_prompts
 from ldmkit.sampling_args import CHUNK, SamplingArgumentError
 
 CROSS_FRACTION = 0.375  # longer held the old maps' colour too (76.5 % colour at 1.0)
@@ -107,13 +106,6 @@ class LocalBlend:
         return on_path + mask * (x - on_path)
 
 
-def check_layout_edit(masks) -> None:
-    if masks is not None:
-        raise SamplingArgumentError("source_prompt", "a layout edit finds its own region "
-                                    "from the source prompt's words; give it no mask (or "
-                                    "inpaint without source_prompt)")
-
-
 @torch.no_grad()
 def layout_edit_chunk(pipe, prompts: Sequence[str], sources: Sequence[str],
                       known: torch.Tensor, strength: float, steps: int, guidance: float,
@@ -156,17 +148,13 @@ def layout_edit_latents(pipe, prompts: Sequence[str], source_prompt, images: tor
                         negative_prompt: str | None = None, callback=None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(edited latents, the pictures' latents, the loose latent masks), CHUNK rows at a
-    time; `source_prompt` one for all rows or one per row."""
+    time; `source_prompt` one for all rows or one per row (checked by prepare_edit)."""
     if not any(isinstance(m, Attention) for m in pipe.unet.modules()):
         raise SamplingArgumentError("source_prompt", "a layout edit steers a U-Net's "
                                     f"attention maps; this model's backbone is "
                                     f"{pipe.unet.cfg.kind!r}")
-    sources = check_prompts(source_prompt)
-    if len(sources) == 1:
-        sources = sources * len(prompts)
-    if len(sources) != len(prompts):
-        raise SamplingArgumentError("source_prompt", f"give one, or one per image "
-                                    f"({len(prompts)}), not {len(sources)}")
+    sources = ([source_prompt] * len(prompts) if isinstance(source_prompt, str)
+               else list(source_prompt))  # checked: editing.check_source_prompt
     outs, knowns, masks = [], [], []
     for start in range(0, len(prompts), CHUNK):
         stop = min(start + CHUNK, len(prompts))

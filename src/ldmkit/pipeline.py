@@ -28,7 +28,7 @@ from ldmkit.diffusion.registry import HEADLINE
 from ldmkit.editing import EditInputs, edit_latents, edited_images, prepare_edit
 from ldmkit.errors import UserError
 from ldmkit.io import read_json, write_json_atomic
-from ldmkit.layout_edit import check_layout_edit, layout_edit_latents
+from ldmkit.layout_edit import layout_edit_latents
 from ldmkit.models.denoiser import FolderModel, load_denoiser
 from ldmkit.models.text import TextEmbeddings, TextEncoder, check_prompts
 from ldmkit.models.vae import AutoencoderKL
@@ -208,21 +208,20 @@ class TextToImagePipeline:
                     generator: torch.Generator | None = None,
                     callback: StepCallback | None = None, eta: float = 0.0,
                     guidance_rescale: float = HEADLINE.guidance_rescale,
-                    bf16: bool = False, source_prompt: str | Sequence[str] | None = None,
-                    blend_words: Sequence[str] | None = None) -> torch.Tensor:
+                    bf16: bool = False, blend_words: Sequence[str] | None = None
+                    ) -> torch.Tensor:
         """img2img / inpainting images in [-1, 1] for prompts and a checked `edit` (one row
-        per prompt; see editing.prepare_edit), through `denoise`; with `source_prompt`, a
-        layout edit (layout_edit.py) instead."""
+        per prompt; see editing.prepare_edit), through `denoise`; with the edit's
+        `source_prompt`, a layout edit (layout_edit.py) instead."""
         prompts = self._checked(prompts, negative_prompt, num_inference_steps, guidance_scale,
                                 sampler, guidance_rescale, eta)
-        if source_prompt is None:
+        if edit.source_prompt is None:
             latents, known, lmask = edit_latents(
                 self, prompts, edit, negative_prompt, num_inference_steps, guidance_scale,
                 sampler, generator, callback, eta, guidance_rescale, bf16)
         else:
-            check_layout_edit(edit.masks)
             latents, known, lmask = layout_edit_latents(
-                self, prompts, source_prompt, edit.images, edit.strength,
+                self, prompts, edit.source_prompt, edit.images, edit.strength,
                 num_inference_steps, guidance_scale, guidance_rescale, generator, bf16,
                 blend_words, negative_prompt, callback)
         return edited_images(self, latents, known, lmask)
@@ -260,11 +259,10 @@ class TextToImagePipeline:
         if image is not None or mask is not None or strength is not None \
                 or source_prompt is not None:
             edit = prepare_edit(image, mask, len(prompts), self.image_size, strength,
-                                resample_steps, mask_feather)
+                                resample_steps, mask_feather, source_prompt=source_prompt)
             return to_pil(self.edit_images(prompts, edit, negative_prompt,
                                            num_inference_steps, guidance_scale, sampler,
                                            generator, callback, eta, guidance_rescale,
-                                           source_prompt=source_prompt,
                                            blend_words=blend_words))
         images = []
         for start in range(0, len(prompts), CHUNK):  # decode as chunks finish

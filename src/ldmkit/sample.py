@@ -87,8 +87,6 @@ def cli_sample(args: argparse.Namespace) -> int:
               "num_inference_steps": request.steps, "guidance_scale": request.guidance,
               "sampler": request.sampler, "generator": generator,
               "guidance_rescale": request.guidance_rescale}
-    if args.source_prompt is not None:
-        kwargs["source_prompt"] = args.source_prompt
     grid: list = []
     with warnings.catch_warnings():  # said once above, not again for every chunk
         warnings.simplefilter("ignore", PromptTruncatedWarning)
@@ -115,7 +113,8 @@ def cli_sample(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- edits, adapters
 
 EDIT_FLAGS = {"image": "--init-image", "mask": "--mask", "strength": "--strength",
-              "resample_steps": "--resample-steps", "mask_feather": "--mask-feather"}
+              "resample_steps": "--resample-steps", "mask_feather": "--mask-feather",
+              "source_prompt": "--source-prompt"}
 
 
 def _adapted(pipe: TextToImagePipeline, args: argparse.Namespace) -> TextToImagePipeline:
@@ -157,23 +156,18 @@ def _edit_inputs(args: argparse.Namespace, pipe: TextToImagePipeline):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ImageResizedWarning)
         edit = prepare_edit(args.init_image, args.mask, 1, pipe.image_size, args.strength,
-                            args.resample_steps, args.mask_feather, fields=EDIT_FLAGS)
+                            args.resample_steps, args.mask_feather, fields=EDIT_FLAGS,
+                            source_prompt=args.source_prompt)
     for warning in caught:
         print(f"ldmkit: warning: {warning.message}", file=sys.stderr)
-    if args.source_prompt is not None:
-        _check_source_prompt(pipe, args.source_prompt, edit)
+    if edit.source_prompt is not None:  # what the run would refuse, refused first
+        from ldmkit.layout_edit import blend_positions
+
+        try:
+            blend_positions(pipe.text_encoder.tokenizer, edit.source_prompt, None)
+        except SamplingArgumentError as exc:
+            raise SamplingArgumentError("--source-prompt", exc.reason) from None
     return edit
-
-
-def _check_source_prompt(pipe: TextToImagePipeline, source_prompt: str, edit) -> None:
-    """What the pipeline would refuse mid-run, refused first, under the flag's name."""
-    from ldmkit.layout_edit import blend_positions, check_layout_edit
-
-    try:
-        check_layout_edit(edit.masks)
-        blend_positions(pipe.text_encoder.tokenizer, source_prompt, None)
-    except SamplingArgumentError as exc:
-        raise SamplingArgumentError("--source-prompt", exc.reason) from None
 
 
 def _edited(pipe: TextToImagePipeline, prompts: list[str], edit, kwargs: dict,

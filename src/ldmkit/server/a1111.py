@@ -114,6 +114,8 @@ class Img2ImgRequest(Txt2ImgRequest):
                                       "`parameters`")
     resample_steps: int | None = Field(None, description="ldmkit's: RePaint passes")
     mask_feather: int | None = Field(None, description="ldmkit's: latent cells of soft edge")
+    source_prompt: str | None = Field(None, description="ldmkit's layout edit: what the "
+                                      "pictures show; no mask")
 
 
 class Txt2ImgResponse(BaseModel):
@@ -230,7 +232,7 @@ async def img2img(body: Img2ImgRequest, request: Request) -> dict | Response:
     for picture in pictures:
         edit, said = svc.edit(decode_base64(picture, "init_images"), mask,
                               body.denoising_strength, body.resample_steps, body.mask_feather,
-                              names=EDIT_NAMES)
+                              names=EDIT_NAMES, source_prompt=body.source_prompt)
         checked.append(edit)
         warnings += [w for w in said if w not in warnings]
     edits = [checked[i % len(checked)] for i in range(len(args))]

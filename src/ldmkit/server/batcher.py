@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ldmkit.diffusion.editing import start_index
+from ldmkit.diffusion.editing import start_index, steps_run
 from ldmkit.diffusion.registry import SAMPLERS
 from ldmkit.editing import EditInputs, EditStart, edit_start, edited_images
 from ldmkit.errors import UserError
@@ -97,8 +97,9 @@ class Job:
     def key(self) -> tuple | None:
         """Jobs with equal keys can share a U-Net batch; None = runs alone."""
         a, edit = self.args, self.edit
-        if SAMPLERS[a.sampler].stochastic or (edit is not None and edit.resample_steps):
-            return None
+        if SAMPLERS[a.sampler].stochastic or (edit is not None and (
+                edit.resample_steps or edit.source_prompt is not None)):
+            return None  # a layout edit is its own loop (layout_edit.py)
         kind = None if edit is None else ("edit", start_index(a.steps, edit.strength),
                                           edit.masks is not None)
         return a.sampler, a.steps, a.guidance, a.guidance_rescale, kind
@@ -235,6 +236,8 @@ class Batcher:
 
     @torch.no_grad()
     def _run(self, batch: list[Job], start: float) -> None:
+        if batch[0].edit is not None and batch[0].edit.source_prompt is not None:
+            return self._run_layout_edit(batch[0], start)  # alone, by its key
         pipe, first = self.pipe, batch[0].args
         begins, conds, unconds, rows, warnings = [], [], [], [], []
         for job in batch:
@@ -261,16 +264,34 @@ class Batcher:
             resample=0 if edit is None else edit.resample_steps)
         ran = time.monotonic() - start
         images = sum(job.args.n for job in batch)
-        for job, row, begin, (warning, tokens) in zip(batch, rows, begins, warnings):
-            if job.cancelled.is_set():
-                self.stats.cancelled += 1
-                continue
-            job.post("done", {"images": png_base64(self._pixels(job, latents[row], begin)),
-                              "warnings": warning, "prompt_tokens": tokens,
-                              "timing": {"queued_s": round(start - job.created, 4),
-                                         "run_s": round(ran, 4), "batch_images": images}})
-            self.stats.completed += 1
-            self.stats.images += job.args.n
+        for job, row, begin, report in zip(batch, rows, begins, warnings):
+            self._finish(job, self._pixels(job, latents[row], begin), report, start, ran,
+                         images)
+
+    def _finish(self, job: Job, pixels: torch.Tensor, report: tuple[list[str], int],
+                start: float, ran: float, batch_images: int) -> None:
+        if job.cancelled.is_set():
+            self.stats.cancelled += 1
+            return
+        warning, tokens = report
+        job.post("done", {"images": png_base64(pixels), "warnings": warning,
+                          "prompt_tokens": tokens,
+                          "timing": {"queued_s": round(start - job.created, 4),
+                                     "run_s": round(ran, 4), "batch_images": batch_images}})
+        self.stats.completed += 1
+        self.stats.images += job.args.n
+
+    def _run_layout_edit(self, job: Job, start: float) -> None:
+        """A layout edit (its own inversion and attention control), as
+        `pipe(..., source_prompt=)` runs it alone."""
+        a = job.args
+        callback = self._callback([job], [slice(0, a.n)], steps_run(a.steps, job.edit.strength))
+        pixels = self.pipe.edit_images(
+            [a.prompt] * a.n, job.edit.repeat(a.n), a.negative_prompt, a.steps, a.guidance,
+            a.sampler, torch.Generator().manual_seed(a.seed), callback,
+            guidance_rescale=a.guidance_rescale)
+        self._finish(job, pixels, self._prompt_report(a), start, time.monotonic() - start,
+                     a.n)
 
     def _begin(self, job: Job, noise: torch.Tensor) -> EditStart:
         """The job's rows at the sampler's start: its noise, or for an edit its picture

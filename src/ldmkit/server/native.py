@@ -70,6 +70,9 @@ class ImageRequest(BaseModel):
                                    "(default 0.8; 1 with a mask)")
     resample_steps: int | None = Field(None, description="RePaint passes per inpainting step")
     mask_feather: int | None = Field(None, description="latent cells of soft mask edge (1)")
+    source_prompt: str | None = Field(None, description="layout edit: what `image` shows "
+                                      "(\"a red square\"); the prompt's change then keeps "
+                                      "its shapes and places (no mask; try guidance 20)")
 
 
 class StreamRequest(ImageRequest):
@@ -108,7 +111,7 @@ def service(request: Request) -> ImageService:
     return request.app.state.service
 
 
-EDIT_FIELDS = ("image", "mask", "strength", "resample_steps", "mask_feather")
+EDIT_FIELDS = ("image", "mask", "strength", "resample_steps", "mask_feather", "source_prompt")
 
 
 def _admit(svc: ImageService, body: ImageRequest, preview_every: int = 0
@@ -126,7 +129,7 @@ def _admit(svc: ImageService, body: ImageRequest, preview_every: int = 0
         image = None if body.image is None else decode_base64(body.image, "image")
         mask = None if body.mask is None else decode_base64(body.mask, "mask")
         edit, warnings = svc.edit(image, mask, body.strength, body.resample_steps,
-                                  body.mask_feather)
+                                  body.mask_feather, source_prompt=body.source_prompt)
     return svc.submit([args], preview_every, edits=[edit])[0], warnings
 
 

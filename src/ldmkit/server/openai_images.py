@@ -327,6 +327,9 @@ class EditRequest(GenerationRequest):
                                        "step (default 0)")
     mask_feather: int | None = Field(None, description="latent cells of soft mask edge "
                                      "(default 1)")
+    source_prompt: str | None = Field(None, description="ldmkit's layout edit: what the "
+                                      "picture shows; the prompt's change keeps its shapes "
+                                      "and places (no mask)")
     input_fidelity: str | None = None  # accepted and ignored, as quality is
 
 
@@ -416,7 +419,8 @@ async def edits(request: Request) -> Response:
     checked, warnings = [], []
     for picture in images:  # one job per picture, each with the request's seed
         edit, said = svc.edit(picture, mask, body.strength, body.resample_steps,
-                              body.mask_feather, mask_from_alpha=True)
+                              body.mask_feather, mask_from_alpha=True,
+                              source_prompt=body.source_prompt)
         checked.append(edit)
         warnings += [w for w in said if w not in warnings]
     return await _answer(svc, body, [args] * len(images), request, checked, warnings)

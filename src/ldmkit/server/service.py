@@ -96,19 +96,21 @@ class ImageService:
 
     def edit(self, image: object, mask: object = None, strength: object = None,
              resample_steps: object = None, mask_feather: object = None, *,
-             mask_from_alpha: bool = False, names: dict[str, str] | None = None
-             ) -> tuple[EditInputs, list[str]]:
+             mask_from_alpha: bool = False, names: dict[str, str] | None = None,
+             source_prompt: object = None) -> tuple[EditInputs, list[str]]:
         """One picture (encoded bytes) and mask checked for an edit, and what the client
         should be told (a picture resized to the model's size). None = the default
-        (strength: 1 with a mask, else the pipeline's). A bad one is a Refusal naming the
-        field as the caller's API spells it (`names`: ours -> theirs)."""
+        (strength: 1 with a mask, else the pipeline's); `source_prompt` makes it a layout
+        edit. A bad one is a Refusal naming the field as the caller's API spells it
+        (`names`: ours -> theirs)."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ImageResizedWarning)
             try:
                 edit = prepare_edit(image, mask, 1, self.pipe.image_size, strength,
                                     0 if resample_steps is None else resample_steps,
                                     1 if mask_feather is None else mask_feather,
-                                    mask_from_alpha=mask_from_alpha, fields=names)
+                                    mask_from_alpha=mask_from_alpha, fields=names,
+                                    source_prompt=source_prompt)
             except SamplingArgumentError as exc:
                 raise invalid(exc.field, exc.reason) from None
         return edit, [str(w.message) for w in caught if w.category is ImageResizedWarning]
@@ -175,6 +177,8 @@ def failure(exc: BaseException) -> Refusal:
         return Refusal("stopping", str(exc), code="server_shutting_down")
     if isinstance(exc, NonFiniteOutputError):  # said, never shown as a black image
         return Refusal("non_finite", f"generation failed: {exc}", code="non_finite_output")
+    if isinstance(exc, SamplingArgumentError):  # found by the worker: still the request's
+        return invalid(exc.field, exc.reason)
     if isinstance(exc, UserError):
         return Refusal("failed", f"generation failed: {exc}")
     return Refusal("failed", f"generation failed ({type(exc).__name__}); see the server log")
