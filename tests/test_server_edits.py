@@ -380,3 +380,23 @@ def test_serve_refuses_an_adapter_for_another_model_with_exit_2(model_dir, tmp_p
                                               "--lora", str(folder)])
         assert code == 2 and app is None
         assert words in capsys.readouterr().err
+
+
+def test_serve_vae_decodes_with_that_decoder_as_sample_vae_does(model_dir, tmp_path,
+                                                                monkeypatch, capsys):
+    make_tiny_pipeline(tmp_path / "other", seed=5).save_pretrained(tmp_path / "other-model")
+    decoder = tmp_path / "other-model" / "vae"
+    app, code = _served_app(monkeypatch, ["--model", str(model_dir), "--device", "cpu",
+                                          "--vae", str(decoder)])
+    assert code == 0 and f"+ decoder {decoder}" in capsys.readouterr().out
+    with TestClient(app) as client:
+        body = client.post("/v1/images", json={"prompt": PROMPT, "steps": STEPS,
+                                               "seed": SEED}).json()
+    expected = sample_files(model_dir, tmp_path / "sample", "--n", "1", "--seed", str(SEED),
+                            "--vae", str(decoder))
+    assert _images(body) == expected
+    assert expected != sample_files(model_dir, tmp_path / "base", "--n", "1", "--seed",
+                                    str(SEED))
+    app, code = _served_app(monkeypatch, ["--model", str(model_dir), "--device", "cpu",
+                                          "--vae", str(tmp_path / "missing")])
+    assert code == 2 and app is None and "missing" in capsys.readouterr().err

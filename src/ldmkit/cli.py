@@ -40,6 +40,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="coco split (train, val)")
 
 
+def _add_decoder_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vae", metavar="DIR", default=None,
+                   help="decode with this VAE folder instead of the model's (same latents, "
+                        "e.g. a decoder fine-tune)")
+
+
 def _add_lora_args(p: argparse.ArgumentParser, merge_flag: bool = True) -> None:
     p.add_argument("--lora", metavar="DIR", default=None,
                    help="a LoRA adapter folder (ldmkit train --init-from ... lora.rank=N)"
@@ -180,9 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent cells over which the mask's edge blends (default %(default)s)")
     p.add_argument("--resample-steps", type=int, default=0,
                    help="RePaint passes per inpainting step (default %(default)s)")
-    p.add_argument("--vae", metavar="DIR", default=None,
-                   help="decode with this VAE folder instead of the model's (same latents, "
-                        "e.g. a decoder fine-tune)")
+    _add_decoder_arg(p)
     _add_lora_args(p)
     _add_device_arg(p)
     p.set_defaults(handler="ldmkit.sample:cli_sample")
@@ -207,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a --host beyond this machine (e.g. 0.0.0.0) without a key")
     p.add_argument("--model-id", default="ldmkit",
                    help="the model's name in the OpenAI and A1111 APIs (default %(default)s)")
+    _add_decoder_arg(p)
     _add_lora_args(p, merge_flag=False)  # one adapter for every request: always merged
     p.set_defaults(handler="ldmkit.server.app:cli_serve")
 

@@ -119,15 +119,22 @@ EDIT_FLAGS = {"image": "--init-image", "mask": "--mask", "strength": "--strength
 
 def _adapted(pipe: TextToImagePipeline, args: argparse.Namespace) -> TextToImagePipeline:
     """--vae (another decoder of the same latents) and --lora / --lora-scale / --merge."""
-    if getattr(args, "vae", None):
-        from ldmkit.models.vae import AutoencoderKL
-
-        pipe = pipe.with_vae(AutoencoderKL.from_pretrained(args.vae, pipe.device))
+    pipe = with_decoder(pipe, getattr(args, "vae", None))
     if getattr(args, "lora", None):
         load_adapter(pipe, args.lora, args.lora_scale, args.merge)
     elif getattr(args, "merge", False):
         raise SamplingArgumentError("--merge", "merges a LoRA adapter: give --lora DIR")
     return pipe
+
+
+def with_decoder(pipe: TextToImagePipeline, vae_dir: str | None) -> TextToImagePipeline:
+    """The pipeline with the VAE folder's model (`--vae`; ldmkit sample and ldmkit serve),
+    or as it is for None."""
+    if not vae_dir:
+        return pipe
+    from ldmkit.models.vae import AutoencoderKL
+
+    return pipe.with_vae(AutoencoderKL.from_pretrained(vae_dir, pipe.device))
 
 
 def load_adapter(pipe: TextToImagePipeline, directory: str, scale: float, merge: bool) -> None:

@@ -117,10 +117,10 @@ def cli_serve(args: argparse.Namespace) -> int:
         raise UserError("--model-id is empty")
     device = resolve_device(args.device)  # before the model loads: a bad flag fails fast
     check_address(args.host, args.port)
-    pipe = TextToImagePipeline.from_pretrained(args.model, device)
-    if getattr(args, "lora", None):
-        from ldmkit.sample import load_adapter
+    from ldmkit.sample import load_adapter, with_decoder
 
+    pipe = with_decoder(TextToImagePipeline.from_pretrained(args.model, device), args.vae)
+    if getattr(args, "lora", None):
         # every request uses the one adapter: merged, sampling costs what the base model's
         # does, and no request can change its scale
         load_adapter(pipe, args.lora, args.lora_scale, merge=True)
@@ -129,6 +129,7 @@ def cli_serve(args: argparse.Namespace) -> int:
                      cors_origins=args.cors_origin or (), model_id=args.model_id.strip(),
                      created=created)
     adapter = f" + LoRA {args.lora} x {args.lora_scale:g}" if getattr(args, "lora", None) else ""
+    adapter += f" + decoder {args.vae}" if args.vae else ""
     print(f"ldmkit serve: {args.model}{adapter} on {device}; open http://{args.host}:{args.port}/ "
           f"(OpenAI base URL http://{args.host}:{args.port}/v1, model {args.model_id!r}; "
           f"{'an API key is needed' if key else 'no API key'})", flush=True)
