@@ -129,6 +129,24 @@ def test_save_and_load_round_trip_and_old_unet_folders(kind, tmp_path):
     assert type(load_denoiser(tmp_path / "old")) is UNet
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropout_acts_in_training_only_and_keeps_the_weights_names(kind):
+    plain = randomized(build_denoiser(tiny(kind), 4, CTX))
+    dropped = build_denoiser(tiny(kind, dropout=0.5), 4, CTX)
+    assert dropped.state_dict().keys() == plain.state_dict().keys()  # old folders load
+    dropped.load_state_dict(plain.state_dict())
+    x, t, ctx, mask = inputs()
+    plain.eval(), dropped.eval()
+    assert torch.equal(dropped(x, t, ctx, mask), plain(x, t, ctx, mask))  # eval: none
+    dropped.train()
+    torch.manual_seed(0)
+    first = dropped(x, t, ctx, mask)
+    assert not torch.allclose(first, dropped(x, t, ctx, mask))  # a fresh mask each call
+    assert not torch.allclose(first, plain(x, t, ctx, mask))
+    plain.train()  # dropout 0: training mode changes nothing
+    assert torch.equal(plain(x, t, ctx, mask), plain.eval()(x, t, ctx, mask))
+
+
 def test_config_refuses_a_patch_that_does_not_divide_the_latents():
     with pytest.raises(ConfigError, match="patch_size"):
         load_config(None, ["unet.kind=dit", "unet.patch_size=3"])

@@ -174,8 +174,9 @@ class UNetConfig:
     self_attn: bool = _opt(True, doc="unet: self-attention before the cross-attention at the "
                                      "cross-attention levels")
     num_heads: int = _opt(4, lo=1, doc="attention heads")
-    dropout: float = _opt(0.0, lo=0.0, hi=1.0, doc="dropout inside the U-Net's ResBlocks (kind = "
-                                                "unet; the transformers have none)")
+    dropout: float = _opt(0.0, lo=0.0, hi=1.0, doc="dropout inside the U-Net's ResBlocks; in "
+                                                "DiT / MMDiT on each attention and MLP "
+                                                "branch's output")
     pooled_text: bool = _opt(False, doc="add the masked mean of the text tokens to the "
                                         "time embedding (global conditioning, as Imagen)")
     text_layers: int = _opt(0, lo=0, doc="trainable transformer blocks over the frozen text "

@@ -50,10 +50,12 @@ def _layer_norm(width: int) -> nn.LayerNorm:
     return nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
 
 
-def _mlp(width: int, ratio: float) -> nn.Sequential:
+def _mlp(width: int, ratio: float, dropout: float = 0.0) -> nn.Sequential:
+    """Linear, GELU, Linear, then `unet.dropout` on the branch's output (GPT-2's residual
+    dropout; appended last, so the weights keep their names and old folders load)."""
     hidden = int(width * ratio)
     return nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"),
-                         nn.Linear(hidden, width))
+                         nn.Linear(hidden, width), nn.Dropout(dropout))
 
 
 class Modulation(nn.Module):
@@ -161,20 +163,22 @@ class _PatchDenoiser(FolderModel):
 class DiTBlock(nn.Module):
     """adaLN-Zero self-attention, cross-attention to the text, adaLN-Zero MLP."""
 
-    def __init__(self, width: int, num_heads: int, context_dim: int, mlp_ratio: float):
+    def __init__(self, width: int, num_heads: int, context_dim: int, mlp_ratio: float,
+                 dropout: float = 0.0):
         super().__init__()
         self.mod = Modulation(width, 6)
         self.norm1, self.norm2 = _layer_norm(width), _layer_norm(width)
         self.self_attn = TokenAttention(width, num_heads)
         self.cross_norm = nn.LayerNorm(width, eps=1e-6)
         self.cross_attn = TokenAttention(width, num_heads, source_dim=context_dim)
-        self.mlp = _mlp(width, mlp_ratio)
+        self.mlp = _mlp(width, mlp_ratio, dropout)
+        self.drop = nn.Dropout(dropout)  # on the attention branches' outputs
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, context: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.mod(cond)
-        x = x + g1[:, None] * self.self_attn(modulate(self.norm1(x), sh1, sc1))
-        x = x + self.cross_attn(self.cross_norm(x), context, mask)
+        x = x + g1[:, None] * self.drop(self.self_attn(modulate(self.norm1(x), sh1, sc1)))
+        x = x + self.drop(self.cross_attn(self.cross_norm(x), context, mask))
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
@@ -184,7 +188,8 @@ class DiT(_PatchDenoiser):
     def __init__(self, cfg: UNetConfig, in_channels: int, context_dim: int):
         super().__init__(cfg, in_channels, context_dim)
         self.blocks = nn.ModuleList(DiTBlock(cfg.width, cfg.num_heads, context_dim,
-                                             cfg.mlp_ratio) for _ in range(cfg.depth))
+                                             cfg.mlp_ratio, cfg.dropout)
+                                    for _ in range(cfg.depth))
         init_transformer(self)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -201,13 +206,14 @@ class DiT(_PatchDenoiser):
 class Stream(nn.Module):
     """One stream's weights in an MMDiT block: modulation, qkv, output, MLP."""
 
-    def __init__(self, width: int, mlp_ratio: float):
+    def __init__(self, width: int, mlp_ratio: float, dropout: float = 0.0):
         super().__init__()
         self.mod = Modulation(width, 6)
         self.norm1, self.norm2 = _layer_norm(width), _layer_norm(width)
         self.to_q, self.to_k = nn.Linear(width, width), nn.Linear(width, width)
         self.to_v, self.to_out = nn.Linear(width, width), nn.Linear(width, width)
-        self.mlp = _mlp(width, mlp_ratio)
+        self.mlp = _mlp(width, mlp_ratio, dropout)
+        self.drop = nn.Dropout(dropout)  # on the joint attention's output
 
     def qkv(self, x: torch.Tensor, mods: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         h = modulate(self.norm1(x), mods[0], mods[1])
@@ -216,17 +222,18 @@ class Stream(nn.Module):
     def finish(self, x: torch.Tensor, attended: torch.Tensor, mods: list[torch.Tensor]
                ) -> torch.Tensor:
         _, _, g1, sh2, sc2, g2 = mods
-        x = x + g1[:, None] * self.to_out(attended)
+        x = x + g1[:, None] * self.drop(self.to_out(attended))
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
 class MMDiTBlock(nn.Module):
     """Joint attention over [text; image] tokens, each stream with its own weights."""
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, dropout: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
-        self.text, self.image = Stream(width, mlp_ratio), Stream(width, mlp_ratio)
+        self.text = Stream(width, mlp_ratio, dropout)
+        self.image = Stream(width, mlp_ratio, dropout)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, cond: torch.Tensor,
                 joint_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,8 +253,8 @@ class MMDiT(_PatchDenoiser):
     def __init__(self, cfg: UNetConfig, in_channels: int, context_dim: int):
         super().__init__(cfg, in_channels, context_dim)
         self.context_proj = nn.Linear(context_dim, cfg.width)
-        self.blocks = nn.ModuleList(MMDiTBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio)
-                                    for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(MMDiTBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio,
+                                               cfg.dropout) for _ in range(cfg.depth))
         init_transformer(self)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
