@@ -50,7 +50,7 @@ def test_the_inversion_retraces_its_path_to_the_picture_under_the_same_denoiser(
     known = torch.randn(3, 4, 4, 4)
 
     def denoiser(x, t):  # any x0 estimate will do: the noises are solved for it
-        return 0.5 * torch.tanh(x) + 0.01 * t.view(-1, 1, 1, 1), None
+        return 0.5 * torch.tanh(x) + 0.01 * t.view(-1, 1, 1, 1), x  # (x0, eps)
 
     inversion = invert(denoiser, schedule, known, 10, 3, torch.Generator().manual_seed(0))
     assert inversion.steps == 7 and len(inversion.noises) == 6
@@ -71,27 +71,33 @@ def test_the_inversion_retraces_its_path_to_the_picture_under_the_same_denoiser(
     for x, on_path in seen[:-1]:  # every noisy level: exactly the path
         torch.testing.assert_close(x, on_path, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(last, known, rtol=1e-4, atol=1e-4)  # and the picture
-    other = run_inverted(lambda x, t: (0.4 * torch.tanh(x), None), schedule, inversion, 10)
+    other = run_inverted(lambda x, t: (0.4 * torch.tanh(x), x), schedule, inversion, 10)
     assert (other - last).abs().max() > 1e-2  # another denoiser: another result
 
 
-def test_exposed_attention_is_sdpa_and_touches_only_the_model_given(pipe):
-    layer = next(m for m in pipe.unet.modules() if isinstance(m, Attention))
+def test_hooked_attention_is_sdpa_and_only_the_model_given_is_hooked(pipe):
+    from ldmkit.models.unet import AttentionBlock
+
+    layer = next(m.cross_attn for m in pipe.unet.modules() if isinstance(m, AttentionBlock))
     torch.manual_seed(0)
-    x, context = torch.randn(2, layer.to_q.in_features, 4, 4), torch.randn(2, 5, 32)
+    x = torch.randn(2, layer.to_q.in_features, 4, 4)
+    context = torch.randn(2, 5, layer.to_k.in_features)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    want = layer(x, context, mask) if layer.to_k.in_features == 32 else layer(x)
+    want = layer(x, context, mask)
     control = AttentionControl()
     with controlled_attention(pipe.unet, control):
         control.record()
-        got = layer(x, context, mask) if layer.to_k.in_features == 32 else layer(x)
-        assert pipe.vae.decode.__self__ is pipe.vae and all(
-            "forward" not in vars(m) for m in pipe.vae.modules() if isinstance(m, Attention))
+        got = layer(x, context, mask)
+        assert all(m.probs_hook is None for m in pipe.vae.modules() if isinstance(m, Attention))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert len(control.recorded) == 1
-    probs = control.recorded[0][1]
+    (is_cross, probs), = control.recorded
+    assert is_cross and probs.shape == (2, layer.num_heads, 16, 5)
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
-    assert "forward" not in vars(layer)  # the class's forward again
+    assert float(probs[0, ..., 3:].abs().max()) == 0.0  # padded keys get no attention
+    assert layer.probs_hook is None  # the class's fused kernel again
+    with pytest.raises(RuntimeError), controlled_attention(pipe.unet, control):
+        raise RuntimeError("a failed run")
+    assert all(m.probs_hook is None for m in pipe.unet.modules() if isinstance(m, Attention))
 
 
 def test_injected_maps_steer_the_network_and_its_own_maps_change_nothing(pipe):
@@ -114,6 +120,29 @@ def test_injected_maps_steer_the_network_and_its_own_maps_change_nothing(pipe):
     assert (steered - plain).abs().max() > 1e-3
 
 
+def test_in_a_guided_batch_only_the_conditional_rows_take_the_maps(pipe):
+    cond, uncond = pipe.conditioning(["a red circle", "a blue square"])
+    guided = pipe.denoiser(cond, uncond, 5.0, 0.0)
+    x, t = torch.randn(pipe.latent_shape(2)), torch.full((2,), 20)
+    control = AttentionControl()
+    with controlled_attention(pipe.unet, control):
+        plain = guided(x, t)[0]
+        control.record()
+        pipe.denoiser(cond, cond, 1.0)(x, t)  # the conditional pass alone
+        own = control.recorded
+        control.inject(own, cross=True, self_maps=False)
+        again = guided(x, t)[0]
+        control.cross_rows = torch.tensor([True, False])
+        control.inject([(c, p.flip(0) if c else p) for c, p in own], cross=True,
+                       self_maps=False)
+        half = guided(x, t)[0]
+    # the unconditional rows kept their own maps, the conditional ones got theirs back
+    torch.testing.assert_close(again, plain, rtol=1e-4, atol=1e-4)
+    # cross_rows: row 1 kept its own maps; row 0 took the other prompt's
+    torch.testing.assert_close(half[1], plain[1], rtol=1e-4, atol=1e-4)
+    assert (half[0] - plain[0]).abs().max() > 1e-3
+
+
 def test_a_coarse_cell_lands_on_the_first_fine_cell_under_it():
     for i, j in ((0, 0), (1, 2), (3, 3)):
         coarse = torch.zeros(1, 1, 4, 4)
@@ -126,6 +155,32 @@ def test_a_coarse_cell_lands_on_the_first_fine_cell_under_it():
     torch.testing.assert_close(aligned_upsample(smooth, 8)[..., ::2, ::2], smooth)
     assert not torch.allclose(F.interpolate(smooth, size=(8, 8), mode="bilinear")[..., ::2, ::2],
                               smooth)
+
+
+def test_strength_0_is_the_round_trip_and_a_long_source_prompt_is_cut_to_the_window(pipe):
+    images = pictures()
+    latents, known, mask = layout_edit_latents(pipe, ["a blue circle"] * 2, "a red circle",
+                                               images, 0.0, 10, 5.0, 0.0)
+    assert torch.equal(latents, known) and float(mask.abs().max()) == 0.0
+    tokenizer, window = pipe.text_encoder.tokenizer, pipe.text_encoder.max_length
+    long = "a red circle" + " and a blue square" * 6
+    assert all(i < window for i in blend_positions(tokenizer, long, None, window))
+    with pytest.raises(SamplingArgumentError, match="none of the words"):
+        blend_positions(tokenizer, "a " * 20 + "red", None, window)  # red is past the window
+    edited, _, _ = layout_edit_latents(pipe, ["a blue circle"] * 2, long, images, 0.6, 6,
+                                       5.0, 0.0, torch.Generator().manual_seed(0))
+    assert torch.isfinite(edited).all()
+
+
+def test_a_backbone_without_unet_attention_is_refused_naming_source_prompt(pipe):
+    from ldmkit.config import UNetConfig
+    from ldmkit.models.denoiser import build_denoiser
+
+    dit = build_denoiser(UNetConfig(kind="dit", width=32, depth=1, num_heads=2, patch_size=2),
+                         pipe.latent_shape(1)[1], pipe.text_encoder.hidden_size)
+    with pytest.raises(SamplingArgumentError, match="source_prompt: .* backbone is 'dit'"):
+        pipe.with_unet(dit)("a blue circle", image=Image.new("RGB", (SIZE, SIZE)),
+                            source_prompt="a red circle", num_inference_steps=4)
 
 
 def test_the_blend_words_default_to_the_source_prompts_content_words(pipe):

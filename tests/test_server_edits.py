@@ -171,6 +171,8 @@ def test_a_layout_edit_on_each_api_is_ldmkit_sample_source_prompt(client, model_
         "cfg_scale": 20, "init_images": [_b64(_png(picture()))],
         "source_prompt": "a blue square"})
     assert _images(native.json()) == _images(openai.json()) == want
+    assert any(w.startswith("sampler: a layout edit samples with the DDPM posterior")
+               for w in native.json()["warnings"])  # said, not silently swapped
     alone = sample_files(model_dir, tmp_path / "one", "--n", "1", "--seed", str(SEED),
                          "--guidance", "20", "--init-image", str(files / "picture.png"),
                          "--source-prompt", "a blue square")
@@ -308,6 +310,8 @@ def test_openai_edit_wants_a_form_with_files(client):
                     "source_prompt": "a red circle"}, "source_prompt"),
     ("/v1/images", {"image": _b64(_png(picture())), "source_prompt": "the"}, "source_prompt"),
     ("/v1/images", {"source_prompt": "a red circle"}, "image"),
+    ("/sdapi/v1/img2img", {"init_images": [_b64(_png(picture()))], "source_prompt": "the"},
+     "source_prompt"),
     ("/sdapi/v1/img2img", {"init_images": []}, "init_images"),
     ("/sdapi/v1/img2img", {"init_images": ["not base64!"]}, "init_images"),
     ("/sdapi/v1/img2img", {"init_images": [_b64(b"GIF89a nonsense")]}, "init_images"),

@@ -47,10 +47,13 @@ def token_text(token: str) -> str:
     return token.removeprefix("##").removesuffix("</w>").lstrip("Ġ▁").lower()
 
 
-def blend_positions(tokenizer, prompt: str, words: Sequence[str] | None) -> list[int]:
-    """Token positions of `words` in `prompt` (default: its words but STOPWORDS)."""
-    pieces = [token_text(t) for t in
-              tokenizer.convert_ids_to_tokens(tokenizer(prompt)["input_ids"])]
+def blend_positions(tokenizer, prompt: str, words: Sequence[str] | None,
+                    max_length: int | None = None) -> list[int]:
+    """Token positions of `words` in `prompt` (default: its words but STOPWORDS), among
+    the first `max_length` tokens (the text encoder's window: the rest is not encoded)."""
+    ids = tokenizer(prompt, truncation=max_length is not None, max_length=max_length,
+                    verbose=False)["input_ids"]
+    pieces = [token_text(t) for t in tokenizer.convert_ids_to_tokens(ids)]
     special = set(map(token_text, tokenizer.all_special_tokens))
     wanted = None if words is None else {w.lower() for w in words}
     found = [i for i, piece in enumerate(pieces) if piece and piece not in special
@@ -114,12 +117,19 @@ def layout_edit_chunk(pipe, prompts: Sequence[str], sources: Sequence[str],
                       negative_prompt: str | None = None, callback=None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(edited latents, the loose latent mask) for one chunk of rows."""
-    tokenizer = pipe.text_encoder.tokenizer
-    positions = [blend_positions(tokenizer, s, blend_words) for s in sources]
+    first = start_index(steps, strength)
+    if first == steps:  # strength 0 (or under one step): the picture, as img2img gives it
+        return known, torch.zeros_like(known[:, :1])
+    encoder = pipe.text_encoder
+    positions = [blend_positions(encoder.tokenizer, s, blend_words, encoder.max_length)
+                 for s in sources]
     source, null = pipe.conditioning(sources)
     target, target_null = pipe.conditioning(prompts, negative_prompt)
-    first = start_index(steps, strength)
-    control, recorded = AttentionControl(), []
+    length = max(source.tokens.shape[1], target.tokens.shape[1])  # maps of one key length
+    source, target = source.pad_to(length), target.pad_to(length)
+    # prompt-to-prompt swaps maps token for token: only where both prompts have as many
+    same_length = (source.mask.sum(1) == target.mask.sum(1)).to(known.device)
+    control, recorded = AttentionControl(cross_rows=same_length), []
 
     def record(k: int) -> None:
         control.record()
@@ -141,6 +151,13 @@ def layout_edit_chunk(pipe, prompts: Sequence[str], sources: Sequence[str],
     return edited.float(), blend.loose
 
 
+def check_layout_model(pipe, field: str = "source_prompt") -> None:
+    """A layout edit steers `layers.Attention`: the U-Net backbone has it, DiT/MMDiT not."""
+    if not any(isinstance(m, Attention) for m in pipe.unet.modules()):
+        raise SamplingArgumentError(field, "a layout edit steers a U-Net's attention maps; "
+                                    f"this model's backbone is {pipe.unet.cfg.kind!r}")
+
+
 def layout_edit_latents(pipe, prompts: Sequence[str], source_prompt, images: torch.Tensor,
                         strength: float, steps: int, guidance: float, guidance_rescale: float,
                         generator: torch.Generator | None = None, bf16: bool = False,
@@ -149,10 +166,7 @@ def layout_edit_latents(pipe, prompts: Sequence[str], source_prompt, images: tor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(edited latents, the pictures' latents, the loose latent masks), CHUNK rows at a
     time; `source_prompt` one for all rows or one per row (checked by prepare_edit)."""
-    if not any(isinstance(m, Attention) for m in pipe.unet.modules()):
-        raise SamplingArgumentError("source_prompt", "a layout edit steers a U-Net's "
-                                    f"attention maps; this model's backbone is "
-                                    f"{pipe.unet.cfg.kind!r}")
+    check_layout_model(pipe)
     sources = ([source_prompt] * len(prompts) if isinstance(source_prompt, str)
                else list(source_prompt))  # checked: editing.check_source_prompt
     outs, knowns, masks = [], [], []
@@ -165,5 +179,5 @@ def layout_edit_latents(pipe, prompts: Sequence[str], source_prompt, images: tor
                                           negative_prompt, callback)
         outs.append(latents)
         knowns.append(known)
-        masks.append(mask)
+        masks.append(mask.cpu())  # laid over the decoded pictures, which are on the CPU
     return torch.cat(outs), torch.cat(knowns), torch.cat(masks)

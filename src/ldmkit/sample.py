@@ -168,10 +168,12 @@ def _edit_inputs(args: argparse.Namespace, pipe: TextToImagePipeline):
     for warning in caught:
         print(f"ldmkit: warning: {warning.message}", file=sys.stderr)
     if edit.source_prompt is not None:  # what the run would refuse, refused first
-        from ldmkit.layout_edit import blend_positions
+        from ldmkit.layout_edit import blend_positions, check_layout_model
 
+        encoder = pipe.text_encoder
         try:
-            blend_positions(pipe.text_encoder.tokenizer, edit.source_prompt, None)
+            check_layout_model(pipe)
+            blend_positions(encoder.tokenizer, edit.source_prompt, None, encoder.max_length)
         except SamplingArgumentError as exc:
             raise SamplingArgumentError("--source-prompt", exc.reason) from None
     return edit

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ldmkit.diffusion.samplers import Callback, Denoiser, ddpm_posterior
+from ldmkit.diffusion.samplers import Callback, Denoiser, ddpm_posterior, denoise_at
 
 # before each step k: step_hook(k); after it: blend(k, x, path level k + 1) -> x
 StepHook = Callable[[int], None]
@@ -41,10 +41,6 @@ class Inversion:
         return len(self.path) - 1
 
 
-def _t(level, batch: int, device) -> torch.Tensor:
-    return torch.full((batch,), level.t, device=device, dtype=torch.long)
-
-
 @torch.no_grad()
 def invert(denoiser: Denoiser, schedule, known: torch.Tensor, steps: int, first: int,
            generator: torch.Generator | None = None,
@@ -59,7 +55,7 @@ def invert(denoiser: Denoiser, schedule, known: torch.Tensor, steps: int, first:
     for k, (now, nxt) in enumerate(zip(levels[:-1], levels[1:])):
         if step_hook is not None:
             step_hook(k)
-        x0, _ = denoiser(path[k], _t(now, len(known), known.device))
+        x0, _ = denoise_at(denoiser, path[k], now)
         if nxt.sigma > 0:
             mean, std = ddpm_posterior(path[k], x0.float(), now, nxt)
             noises.append((path[k + 1] - mean) / std)
@@ -80,7 +76,7 @@ def run_inverted(denoiser: Denoiser, schedule, inversion: Inversion, steps: int,
     for k, (now, nxt) in enumerate(zip(levels[:-1], levels[1:])):
         if step_hook is not None:
             step_hook(k)
-        x0, _ = denoiser(x, _t(now, len(x), x.device))
+        x0, _ = denoise_at(denoiser, x, now)
         if callback is not None:
             callback(k, now.t, x, x0)
         if nxt.sigma > 0:

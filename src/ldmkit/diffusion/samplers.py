@@ -45,8 +45,10 @@ def _step_pairs(schedule, steps: int) -> list[tuple[Level, Level]]:
     return list(zip(levels[:-1], levels[1:]))
 
 
-def _denoise(denoiser: Denoiser, x: torch.Tensor, level: Level
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def denoise_at(denoiser: Denoiser, x: torch.Tensor, level: Level
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) at a grid level: its t as the network takes it (an integer step of the
+    DDPM schedule, a float time of the flow's), one per row."""
     dtype = torch.long if isinstance(level.t, int) else torch.float32
     t_batch = torch.full((x.shape[0],), level.t, dtype=dtype, device=x.device)
     x0, eps = denoiser(x, t_batch)
@@ -78,7 +80,7 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, schedule, steps: int,
     + (sigma_s / sigma_t) e^{-h} x_t, variance sigma_s^2 (1 - e^{-2h}).
     `eta` is ignored: DDPM is ancestral by definition (use DDIM for other etas)."""
     for i, (now, nxt) in enumerate(_step_pairs(schedule, steps)):
-        x0, _ = _denoise(denoiser, x, now)
+        x0, _ = denoise_at(denoiser, x, now)
         if callback is not None:
             callback(i, now.t, x, x0)
         if nxt.sigma == 0:  # the clean level: the posterior is x0 itself
@@ -109,7 +111,7 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule, steps: int,
     sqrt(1 - ab_t/ab_s) as in the paper). eta = 0 is the deterministic sampler, eta = 1
     the ancestral one."""
     for i, (now, nxt) in enumerate(_step_pairs(schedule, steps)):
-        x0, eps = _denoise(denoiser, x, now)
+        x0, eps = denoise_at(denoiser, x, now)
         if callback is not None:
             callback(i, now.t, x, x0)
         x = ddim_step(x0, eps, now, nxt, eta, generator)
@@ -186,7 +188,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule, steps: int,
     last_update = len(pairs) - 2 if steps < LOWER_ORDER_FINAL_BELOW else -1
     prev: tuple[torch.Tensor, float] | None = None  # (x0 at the previous step, its h)
     for i, (now, nxt) in enumerate(pairs):
-        x0, _ = _denoise(denoiser, x, now)
+        x0, _ = denoise_at(denoiser, x, now)
         if callback is not None:
             callback(i, now.t, x, x0)
         if nxt.sigma == 0:  # sigma_s = 0: the first-order update lands exactly on x0_hat

@@ -89,6 +89,11 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or channels, channels)
         self.to_out = nn.Linear(channels, channels)
 
+    # None: one fused kernel call. Set (models/attention_maps.py), the softmax is spelled
+    # out and its probabilities (B, heads, queries, keys) pass through
+    # probs_hook(probs, is_cross), which returns the ones to use.
+    probs_hook = None
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -97,8 +102,19 @@ class Attention(nn.Module):
         q, k, v = (self._heads(p(s)) for p, s in
                    ((self.to_q, tokens), (self.to_k, source), (self.to_v, source)))
         mask = context_mask if context is not None else None
-        out = attend(q, k, v, mask).transpose(1, 2).reshape(b, h * w, c)
+        if self.probs_hook is None:
+            out = attend(q, k, v, mask)
+        else:
+            out = self._hooked(q, k, v, mask, context is not None)
+        out = out.transpose(1, 2).reshape(b, h * w, c)
         return x + self.to_out(out).transpose(1, 2).reshape(b, c, h, w)
+
+    def _hooked(self, q, k, v, key_mask, is_cross: bool) -> torch.Tensor:
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+        probs = self.probs_hook(logits.float().softmax(-1).to(v.dtype), is_cross)
+        return probs @ v
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return split_heads(t, self.num_heads)

@@ -290,8 +290,11 @@ class Batcher:
             [a.prompt] * a.n, job.edit.repeat(a.n), a.negative_prompt, a.steps, a.guidance,
             a.sampler, torch.Generator().manual_seed(a.seed), callback,
             guidance_rescale=a.guidance_rescale)
-        self._finish(job, pixels, self._prompt_report(a), start, time.monotonic() - start,
-                     a.n)
+        warnings, tokens = self._prompt_report(a)
+        if a.sampler != "ddpm":
+            warnings.append(f"sampler: a layout edit samples with the DDPM posterior (its "
+                            f"inversion is defined for it); {a.sampler} was not used")
+        self._finish(job, pixels, (warnings, tokens), start, time.monotonic() - start, a.n)
 
     def _begin(self, job: Job, noise: torch.Tensor) -> EditStart:
         """The job's rows at the sampler's start: its noise, or for an edit its picture

@@ -21,6 +21,7 @@ from fastapi import Request
 from ldmkit.edit_inputs import ImageResizedWarning
 from ldmkit.editing import EditInputs, prepare_edit
 from ldmkit.errors import UserError
+from ldmkit.layout_edit import check_layout_model
 from ldmkit.pipeline import TextToImagePipeline
 from ldmkit.sampling_args import NonFiniteOutputError, SamplingArgs, SamplingArgumentError
 from ldmkit.server.batcher import Batcher, Job, QueueFull, ServerStopping
@@ -111,6 +112,8 @@ class ImageService:
                                     1 if mask_feather is None else mask_feather,
                                     mask_from_alpha=mask_from_alpha, fields=names,
                                     source_prompt=source_prompt)
+                if edit.source_prompt is not None:  # its words: on the worker (tokenizer)
+                    check_layout_model(self.pipe)
             except SamplingArgumentError as exc:
                 raise invalid(exc.field, exc.reason) from None
         return edit, [str(w.message) for w in caught if w.category is ImageResizedWarning]
