@@ -214,6 +214,45 @@ def test_the_page_generates_an_image_in_a_real_browser(server, tmp_path):
         driver.quit()
 
 
+def test_the_page_edits_a_chosen_picture_and_says_so(server, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    picture = tmp_path / "red-square.png"
+    Image.new("RGB", (16, 16), (120, 120, 120)).save(picture)
+    port, _ = server
+    driver = _browser(tmp_path)
+    try:
+        wait = WebDriverWait(driver, 60)
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 0)
+        for field, value in (("prompt", "a blue square"), ("steps", "6"), ("seed", "1")):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        driver.find_element(By.CSS_SELECTOR, "#edit-box summary").click()
+        driver.find_element(By.ID, "picture").send_keys(str(picture))
+        strength = driver.find_element(By.ID, "strength")
+        strength.clear()
+        strength.send_keys("0.5")
+        driver.find_element(By.ID, "source_prompt").send_keys("a red square")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.result"))
+        card = driver.find_element(By.CSS_SELECTOR, "#gallery .card").text
+        assert "a blue square" in card and "edit at strength 0.5" in card
+        assert "layout edit samples with the DDPM posterior" in card  # its warning, shown
+        if os.environ.get("LDMKIT_EDIT_SCREENSHOT"):  # to look at the edit box by eye
+            driver.save_screenshot(os.environ["LDMKIT_EDIT_SCREENSHOT"])
+        driver.find_element(By.ID, "source_prompt").clear()
+        driver.find_element(By.ID, "source_prompt").send_keys("the")  # nothing to blend on
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "source_prompt" in d.find_element(By.ID, "status").text)
+        assert "error" in driver.find_element(By.ID, "status").get_attribute("class")
+    finally:
+        driver.quit()
+
+
 def test_the_page_asks_for_the_key_once_when_the_server_has_one(model_dir, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait

@@ -178,8 +178,8 @@ async def images_stream(body: StreamRequest, request: Request) -> StreamingRespo
                     return
                 else:
                     refusal: Refusal = failure(payload)
-                    yield sse("error", {"status": 503 if refusal.kind == "stopping" else 500,
-                                        "detail": str(refusal)})
+                    status = {"stopping": 503, "invalid": 422}.get(refusal.kind, 500)
+                    yield sse("error", {"status": status, "detail": str(refusal)})
                     return
         finally:
             job.cancel()

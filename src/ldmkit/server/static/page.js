@@ -1,8 +1,9 @@
 // The page: fills the sampler list from /v1/model, posts to /v1/images/stream and reads
 // its server-sent events (fetch, since EventSource cannot POST), shows every preview,
-// then adds the final image with its settings to the gallery. A server started with
-// --api-key answers 401: the page then asks for the key once and keeps it in this
-// browser's localStorage for this origin.
+// then adds the final image with its settings to the gallery. With a picture chosen, the
+// same request is an edit (its base64, the strength, and a source prompt for a layout
+// edit). A server started with --api-key answers 401: the page then asks for the key once
+// and keeps it in this browser's localStorage for this origin.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const png = (b64) => "data:image/png;base64," + b64;
@@ -58,11 +59,27 @@ function status(text, error = false) {
   $("status").className = error ? "error" : "";
 }
 
-function request() {
+// A chosen file as base64 (the API's `image`), without the data: URL's prefix.
+function fileBase64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",")[1]);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function request() {
   const body = { prompt: $("prompt").value, steps: Number($("steps").value),
                  guidance: Number($("guidance").value), sampler: $("sampler").value, n: 1 };
   if ($("negative_prompt").value.trim()) body.negative_prompt = $("negative_prompt").value;
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  const picture = $("picture").files[0];
+  if (picture) {
+    body.image = await fileBase64(picture);
+    body.strength = Number($("strength").value);
+    if ($("source_prompt").value.trim()) body.source_prompt = $("source_prompt").value;
+  }
   return body;
 }
 
@@ -107,7 +124,9 @@ function addToGallery(result) {
   text.querySelector("b").textContent = s.prompt || "(unconditional)";
   text.append(`${s.sampler}, ${s.steps} steps, w = ${s.guidance}, ` +
               `rescale ${s.guidance_rescale}, seed ${s.seed}` +
-              (s.negative_prompt ? `, not “${s.negative_prompt}”` : ""));
+              (s.negative_prompt ? `, not “${s.negative_prompt}”` : "") +
+              (s.strength !== null && s.strength !== undefined ?
+                `, edit at strength ${s.strength}` : ""));
   for (const w of result.warnings) text.append(document.createElement("br"), `⚠ ${w}`);
   card.append(img, text);
   $("gallery").prepend(card);
@@ -120,7 +139,7 @@ async function generate(event) {
   try {
     const response = await api("/v1/images/stream", {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(request()) });
+      body: JSON.stringify(await request()) });
     if (!response.ok) {
       const retry = response.headers.get("Retry-After");
       const body = await response.json().catch(() => null);
