@@ -240,7 +240,8 @@ def test_the_page_edits_a_chosen_picture_and_says_so(server, tmp_path):
         driver.find_element(By.ID, "generate").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.result"))
         card = driver.find_element(By.CSS_SELECTOR, "#gallery .card").text
-        assert "a blue square" in card and "edit at strength 0.5" in card
+        assert "a blue square" in card
+        assert "edit at strength 0.5 of “a red square” (layout edit)" in card
         assert "layout edit samples with the DDPM posterior" in card  # its warning, shown
         if os.environ.get("LDMKIT_EDIT_SCREENSHOT"):  # to look at the edit box by eye
             driver.save_screenshot(os.environ["LDMKIT_EDIT_SCREENSHOT"])

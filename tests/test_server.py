@@ -84,7 +84,7 @@ def test_images_are_pngs_of_the_model_size_with_the_settings_used(client):
                                 "n": 2, "steps": 3, "guidance": HEADLINE.guidance,
                                 "sampler": HEADLINE.sampler,
                                 "guidance_rescale": HEADLINE.guidance_rescale, "seed": 7,
-                                "strength": None}  # None: not an edit
+                                "strength": None, "source_prompt": None}  # None: not an edit
     assert body["warnings"] == []
 
 

@@ -164,6 +164,7 @@ def test_a_layout_edit_on_each_api_is_ldmkit_sample_source_prompt(client, model_
         "prompt": PROMPT, "steps": STEPS, "seed": SEED, "n": 2, "guidance": 20,
         "image": _b64(_png(picture())), "source_prompt": "a blue square"})
     assert native.status_code == 200, native.text
+    assert native.json()["settings"]["source_prompt"] == "a blue square"
     openai = _openai_edit(client, [_png(picture())], n=2, guidance_scale=20,
                           source_prompt="a blue square")
     a1111 = client.post("/sdapi/v1/img2img", json={

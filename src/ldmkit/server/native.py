@@ -89,6 +89,7 @@ class Settings(BaseModel):
     guidance_rescale: float
     seed: int
     strength: float | None = Field(None, description="the edit's strength (edits only)")
+    source_prompt: str | None = Field(None, description="a layout edit's source prompt")
 
 
 class Timing(BaseModel):
@@ -138,7 +139,8 @@ def _result(job: Job, payload: dict, warnings: list[str]) -> dict:
     settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "n": args.n,
                 "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler,
                 "guidance_rescale": args.guidance_rescale, "seed": args.seed,
-                "strength": None if job.edit is None else job.edit.strength}
+                "strength": None if job.edit is None else job.edit.strength,
+                "source_prompt": None if job.edit is None else job.edit.source_prompt}
     return {"images": payload["images"], "warnings": warnings + payload["warnings"],
             "timing": payload["timing"], "settings": settings}
 

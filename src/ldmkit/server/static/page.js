@@ -126,7 +126,8 @@ function addToGallery(result) {
               `rescale ${s.guidance_rescale}, seed ${s.seed}` +
               (s.negative_prompt ? `, not “${s.negative_prompt}”` : "") +
               (s.strength !== null && s.strength !== undefined ?
-                `, edit at strength ${s.strength}` : ""));
+                `, edit at strength ${s.strength}` : "") +
+              (s.source_prompt ? ` of “${s.source_prompt}” (layout edit)` : ""));
   for (const w of result.warnings) text.append(document.createElement("br"), `⚠ ${w}`);
   card.append(img, text);
   $("gallery").prepend(card);
