@@ -166,23 +166,30 @@ def _browser(tmp_path: Path):
     return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
 
 
-def test_the_page_generates_an_image_in_a_real_browser(server, tmp_path):
+def _open_page(driver, port: int, fields: dict[str, str]):
+    """The page loaded (its sampler list filled from /v1/model), the fields typed in; the
+    WebDriverWait the test goes on with."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(driver, 60)
+    driver.get(f"http://127.0.0.1:{port}/")
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 0)
+    for field, value in fields.items():
+        box = driver.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    return wait
+
+
+def test_the_page_generates_an_image_in_a_real_browser(server, tmp_path):
+    from selenium.webdriver.common.by import By
 
     port, _ = server
     driver = _browser(tmp_path)
     try:
-        wait = WebDriverWait(driver, 60)
-        driver.get(f"http://127.0.0.1:{port}/")
-        wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 0)
-        prompt = driver.find_element(By.ID, "prompt")
-        prompt.clear()
-        prompt.send_keys("a small red circle left of a blue square")
-        for field, value in (("steps", "12"), ("seed", "3")):
-            box = driver.find_element(By.ID, field)
-            box.clear()
-            box.send_keys(value)
+        wait = _open_page(driver, port, {"prompt": "a small red circle left of a blue square",
+                                         "steps": "12", "seed": "3"})
         # count the live previews as they are shown (they come and go fast on this model)
         driver.execute_script("""
             window.shown = 0;
@@ -217,20 +224,13 @@ def test_the_page_generates_an_image_in_a_real_browser(server, tmp_path):
 def test_the_page_edits_a_chosen_picture_and_says_so(server, tmp_path):
     from PIL import Image
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     picture = tmp_path / "red-square.png"
     Image.new("RGB", (16, 16), (120, 120, 120)).save(picture)
     port, _ = server
     driver = _browser(tmp_path)
     try:
-        wait = WebDriverWait(driver, 60)
-        driver.get(f"http://127.0.0.1:{port}/")
-        wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 0)
-        for field, value in (("prompt", "a blue square"), ("steps", "6"), ("seed", "1")):
-            box = driver.find_element(By.ID, field)
-            box.clear()
-            box.send_keys(value)
+        wait = _open_page(driver, port, {"prompt": "a blue square", "steps": "6", "seed": "1"})
         driver.find_element(By.CSS_SELECTOR, "#edit-box summary").click()
         driver.find_element(By.ID, "picture").send_keys(str(picture))
         strength = driver.find_element(By.ID, "strength")
