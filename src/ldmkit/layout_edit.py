@@ -37,7 +37,9 @@ from ldmkit.models.layers import Attention
 from ldmkit.sampling_args import CHUNK, SamplingArgumentError
 
 CROSS_FRACTION = 0.375  # longer held the old maps' colour too (76.5 % colour at 1.0)
-TIGHT, LOOSE, SWITCH = 0.55, 0.2, 0.4  # mask levels of the normalised attention; switch
+# the blend's two mask levels on the normalised attention, and the fraction of the run's
+# steps that use the tight one (chosen on the study's cases, BENCHMARKS "Editing pictures")
+TIGHT, LOOSE, SWITCH = 0.55, 0.2, 0.4
 SOFTNESS = 0.2  # the masks ramp over +-0.1 around their level: hard edges cut shapes
 STOPWORDS = frozenset("a an the of and or with on in at to from by for is are its".split())
 
