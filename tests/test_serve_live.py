@@ -221,18 +221,28 @@ def test_the_page_generates_an_image_in_a_real_browser(server, tmp_path):
         driver.quit()
 
 
-def test_the_page_edits_a_chosen_picture_and_says_so(server, tmp_path):
+def _with_a_picture(driver, port: int, tmp_path: Path, fields: dict[str, str]):
+    """The page with `fields` typed in and a grey 16x16 picture chosen to edit (the edit
+    box opened); the WebDriverWait."""
     from PIL import Image
     from selenium.webdriver.common.by import By
 
-    picture = tmp_path / "red-square.png"
+    picture = tmp_path / "grey.png"
     Image.new("RGB", (16, 16), (120, 120, 120)).save(picture)
+    wait = _open_page(driver, port, fields)
+    driver.find_element(By.CSS_SELECTOR, "#edit-box summary").click()
+    driver.find_element(By.ID, "picture").send_keys(str(picture))
+    return wait
+
+
+def test_the_page_edits_a_chosen_picture_and_says_so(server, tmp_path):
+    from selenium.webdriver.common.by import By
+
     port, _ = server
     driver = _browser(tmp_path)
     try:
-        wait = _open_page(driver, port, {"prompt": "a blue square", "steps": "6", "seed": "1"})
-        driver.find_element(By.CSS_SELECTOR, "#edit-box summary").click()
-        driver.find_element(By.ID, "picture").send_keys(str(picture))
+        wait = _with_a_picture(driver, port, tmp_path,
+                               {"prompt": "a blue square", "steps": "6", "seed": "1"})
         strength = driver.find_element(By.ID, "strength")
         strength.clear()
         strength.send_keys("0.5")
@@ -250,6 +260,48 @@ def test_the_page_edits_a_chosen_picture_and_says_so(server, tmp_path):
         driver.find_element(By.ID, "generate").click()
         wait.until(lambda d: "source_prompt" in d.find_element(By.ID, "status").text)
         assert "error" in driver.find_element(By.ID, "status").get_attribute("class")
+    finally:
+        driver.quit()
+
+
+def test_the_page_inpaints_under_a_painted_mask(server, tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    port, _ = server
+    driver = _browser(tmp_path)
+    try:
+        wait = _with_a_picture(driver, port, tmp_path,
+                               {"prompt": "a red circle", "steps": "4", "seed": "2"})
+        canvas = wait.until(lambda d: d.find_element(By.ID, "mask") if d.execute_script(
+            "return document.getElementById('mask').width") == 16 else None)
+        driver.execute_script("""  // keep the request the page sends
+            window.sent = null;
+            const plain = window.fetch;
+            window.fetch = (url, options) => {
+              if (options && options.body) window.sent = JSON.parse(options.body);
+              return plain(url, options);
+            };""")
+        # drag down the canvas's left quarter (it shows 16 pixels as 256)
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+        ActionChains(driver).move_to_element_with_offset(canvas, -96, -100).click_and_hold() \
+            .move_by_offset(0, 200).release().perform()
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.result"))
+        sent = driver.execute_script("return window.sent")
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["mask"]))).convert("L"))
+        assert mask.shape == (16, 16) and set(np.unique(mask)) == {0, 255}
+        assert mask[:, :6].max() == 255 and mask[:, 10:].max() == 0  # white where painted
+        assert "edit at strength 0.8" in driver.find_element(By.CSS_SELECTOR, "#gallery .card").text
+        driver.find_element(By.ID, "clear-mask").click()
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img.result")) == 2)
+        assert "mask" not in driver.execute_script("return window.sent")  # cleared: img2img
     finally:
         driver.quit()
 

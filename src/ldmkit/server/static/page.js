@@ -1,8 +1,8 @@
 // The page: fills the sampler list from /v1/model, posts to /v1/images/stream and reads
 // its server-sent events (fetch, since EventSource cannot POST), shows every preview,
 // then adds the final image with its settings to the gallery. With a picture chosen, the
-// same request is an edit (its base64, the strength, and a source prompt for a layout
-// edit). A server started with --api-key answers 401: the page then asks for the key once
+// same request is an edit (its base64, the strength, a source prompt for a layout edit,
+// and the mask painted over it for inpainting). A server started with --api-key answers 401: the page then asks for the key once
 // and keeps it in this browser's localStorage for this origin.
 "use strict";
 const $ = (id) => document.getElementById(id);
@@ -69,6 +69,61 @@ function fileBase64(file) {
   });
 }
 
+// Inpainting: the chosen picture under a canvas of its size; dragging paints the mask
+// (half-transparent white on screen). `painted` says whether any stroke was drawn.
+let painted = false;
+
+function showPicture() {
+  const picture = $("picture").files[0];
+  $("paint").hidden = !picture;
+  if (!picture) return;
+  const url = URL.createObjectURL(picture);
+  const img = new Image();
+  img.onload = () => {
+    $("mask").width = img.naturalWidth;
+    $("mask").height = img.naturalHeight;
+    $("mask").style.backgroundImage = `url(${url})`;
+    clearMask();
+  };
+  img.src = url;
+}
+
+function clearMask() {
+  const canvas = $("mask");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  painted = false;
+}
+
+function paintAt(event) {
+  if (!(event.buttons & 1)) return;
+  const canvas = $("mask"), box = canvas.getBoundingClientRect();
+  const x = (event.clientX - box.left) * canvas.width / box.width;
+  const y = (event.clientY - box.top) * canvas.height / box.height;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "rgba(255, 255, 255, 0.7)";
+  ctx.beginPath();
+  ctx.arc(x, y, Math.max(1, canvas.width / 12), 0, 2 * Math.PI);
+  ctx.fill();
+  painted = true;
+}
+
+// The API's mask: the strokes white on black, the picture's size, as a base64 PNG.
+function maskBase64() {
+  const strokes = $("mask"), out = document.createElement("canvas");
+  out.width = strokes.width;
+  out.height = strokes.height;
+  const ctx = out.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, out.width, out.height);
+  const pixels = strokes.getContext("2d").getImageData(0, 0, out.width, out.height);
+  const mask = ctx.getImageData(0, 0, out.width, out.height);
+  for (let i = 0; i < pixels.data.length; i += 4) {
+    if (pixels.data[i + 3] > 0) mask.data.fill(255, i, i + 3);  // painted: white
+  }
+  ctx.putImageData(mask, 0, 0);
+  return out.toDataURL("image/png").split(",")[1];
+}
+
 async function request() {
   const body = { prompt: $("prompt").value, steps: Number($("steps").value),
                  guidance: Number($("guidance").value), sampler: $("sampler").value, n: 1 };
@@ -79,6 +134,7 @@ async function request() {
     body.image = await fileBase64(picture);
     body.strength = Number($("strength").value);
     if ($("source_prompt").value.trim()) body.source_prompt = $("source_prompt").value;
+    if (painted) body.mask = maskBase64();
   }
   return body;
 }
@@ -166,4 +222,8 @@ async function generate(event) {
 }
 
 $("form").addEventListener("submit", generate);
+$("picture").addEventListener("change", showPicture);
+$("mask").addEventListener("pointerdown", paintAt);
+$("mask").addEventListener("pointermove", paintAt);
+$("clear-mask").addEventListener("click", clearMask);
 loadModel().catch((err) => status(`cannot read /v1/model: ${err}`, true));
