@@ -146,8 +146,10 @@ def test_a_client_that_hangs_up_has_its_work_dropped(slow_server, path):
 # ----------------------------------------------------------------------------- browser
 
 
-def _browser(tmp_path: Path):
-    """Headless Debian Chromium through its own chromedriver (no download of either)."""
+@pytest.fixture
+def driver(tmp_path: Path):
+    """Headless Debian Chromium through its own chromedriver (no download of either),
+    quit after the test."""
     if not (CHROMIUM and CHROMEDRIVER):
         if os.environ.get("CI"):
             pytest.fail("CI must install chromium and chromium-driver (.ci/run does)")
@@ -163,7 +165,9 @@ def _browser(tmp_path: Path):
                  "--disable-component-update", "--disable-sync", "--window-size=1000,900",
                  f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
-    return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    browser = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    yield browser
+    browser.quit()
 
 
 def _open_page(driver, port: int, fields: dict[str, str]):
@@ -182,43 +186,39 @@ def _open_page(driver, port: int, fields: dict[str, str]):
     return wait
 
 
-def test_the_page_generates_an_image_in_a_real_browser(server, tmp_path):
+def test_the_page_generates_an_image_in_a_real_browser(server, driver, tmp_path):
     from selenium.webdriver.common.by import By
 
     port, _ = server
-    driver = _browser(tmp_path)
-    try:
-        wait = _open_page(driver, port, {"prompt": "a small red circle left of a blue square",
-                                         "steps": "12", "seed": "3"})
-        # count the live previews as they are shown (they come and go fast on this model)
-        driver.execute_script("""
-            window.shown = 0;
-            new MutationObserver(() => window.shown++).observe(
-                document.getElementById('live'), {attributes: true, attributeFilter: ['src']});
-        """)
-        driver.find_element(By.ID, "generate").click()
-        image = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.result"))[0]
-        wait.until(lambda d: d.execute_script(
-            "return arguments[0].complete && arguments[0].naturalWidth > 0", image))
-        assert image.get_property("naturalWidth") == 16  # the model's image size
-        assert driver.execute_script("return window.shown") >= 3  # previews, then the final
-        card = driver.find_element(By.CSS_SELECTOR, "#gallery .card").text
-        assert "a small red circle left of a blue square" in card and "seed 3" in card
-        assert "rescale 0.7" in card  # the headline guidance rescale, reported back
-        assert driver.find_element(By.ID, "status").text.startswith("done")
-        seed = driver.find_element(By.ID, "seed")  # a second image joins the gallery, first
-        seed.clear()
-        seed.send_keys("4")
-        driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img.result")) == 2)
-        newest = driver.find_element(By.CSS_SELECTOR, "#gallery .card").text
-        assert "seed 4" in newest
-        wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
-        driver.save_screenshot(str(tmp_path / "page.png"))
-        if os.environ.get("LDMKIT_SCREENSHOT"):  # how docs/images/serve_page.png is made
-            driver.save_screenshot(os.environ["LDMKIT_SCREENSHOT"])
-    finally:
-        driver.quit()
+    wait = _open_page(driver, port, {"prompt": "a small red circle left of a blue square",
+                                     "steps": "12", "seed": "3"})
+    # count the live previews as they are shown (they come and go fast on this model)
+    driver.execute_script("""
+        window.shown = 0;
+        new MutationObserver(() => window.shown++).observe(
+            document.getElementById('live'), {attributes: true, attributeFilter: ['src']});
+    """)
+    driver.find_element(By.ID, "generate").click()
+    image = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.result"))[0]
+    wait.until(lambda d: d.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth > 0", image))
+    assert image.get_property("naturalWidth") == 16  # the model's image size
+    assert driver.execute_script("return window.shown") >= 3  # previews, then the final
+    card = driver.find_element(By.CSS_SELECTOR, "#gallery .card").text
+    assert "a small red circle left of a blue square" in card and "seed 3" in card
+    assert "rescale 0.7" in card  # the headline guidance rescale, reported back
+    assert driver.find_element(By.ID, "status").text.startswith("done")
+    seed = driver.find_element(By.ID, "seed")  # a second image joins the gallery, first
+    seed.clear()
+    seed.send_keys("4")
+    driver.find_element(By.ID, "generate").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img.result")) == 2)
+    newest = driver.find_element(By.CSS_SELECTOR, "#gallery .card").text
+    assert "seed 4" in newest
+    wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
+    driver.save_screenshot(str(tmp_path / "page.png"))
+    if os.environ.get("LDMKIT_SCREENSHOT"):  # how docs/images/serve_page.png is made
+        driver.save_screenshot(os.environ["LDMKIT_SCREENSHOT"])
 
 
 def _with_a_picture(driver, port: int, tmp_path: Path, fields: dict[str, str]):
@@ -235,36 +235,32 @@ def _with_a_picture(driver, port: int, tmp_path: Path, fields: dict[str, str]):
     return wait
 
 
-def test_the_page_edits_a_chosen_picture_and_says_so(server, tmp_path):
+def test_the_page_edits_a_chosen_picture_and_says_so(server, driver, tmp_path):
     from selenium.webdriver.common.by import By
 
     port, _ = server
-    driver = _browser(tmp_path)
-    try:
-        wait = _with_a_picture(driver, port, tmp_path,
-                               {"prompt": "a blue square", "steps": "6", "seed": "1"})
-        strength = driver.find_element(By.ID, "strength")
-        strength.clear()
-        strength.send_keys("0.5")
-        driver.find_element(By.ID, "source_prompt").send_keys("a red square")
-        driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.result"))
-        card = driver.find_element(By.CSS_SELECTOR, "#gallery .card").text
-        assert "a blue square" in card
-        assert "edit at strength 0.5 of “a red square” (layout edit)" in card
-        assert "layout edit samples with the DDPM posterior" in card  # its warning, shown
-        if os.environ.get("LDMKIT_EDIT_SCREENSHOT"):  # to look at the edit box by eye
-            driver.save_screenshot(os.environ["LDMKIT_EDIT_SCREENSHOT"])
-        driver.find_element(By.ID, "source_prompt").clear()
-        driver.find_element(By.ID, "source_prompt").send_keys("the")  # nothing to blend on
-        driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: "source_prompt" in d.find_element(By.ID, "status").text)
-        assert "error" in driver.find_element(By.ID, "status").get_attribute("class")
-    finally:
-        driver.quit()
+    wait = _with_a_picture(driver, port, tmp_path,
+                           {"prompt": "a blue square", "steps": "6", "seed": "1"})
+    strength = driver.find_element(By.ID, "strength")
+    strength.clear()
+    strength.send_keys("0.5")
+    driver.find_element(By.ID, "source_prompt").send_keys("a red square")
+    driver.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.result"))
+    card = driver.find_element(By.CSS_SELECTOR, "#gallery .card").text
+    assert "a blue square" in card
+    assert "edit at strength 0.5 of “a red square” (layout edit)" in card
+    assert "layout edit samples with the DDPM posterior" in card  # its warning, shown
+    if os.environ.get("LDMKIT_EDIT_SCREENSHOT"):  # to look at the edit box by eye
+        driver.save_screenshot(os.environ["LDMKIT_EDIT_SCREENSHOT"])
+    driver.find_element(By.ID, "source_prompt").clear()
+    driver.find_element(By.ID, "source_prompt").send_keys("the")  # nothing to blend on
+    driver.find_element(By.ID, "generate").click()
+    wait.until(lambda d: "source_prompt" in d.find_element(By.ID, "status").text)
+    assert "error" in driver.find_element(By.ID, "status").get_attribute("class")
 
 
-def test_the_page_inpaints_under_a_painted_mask(server, tmp_path):
+def test_the_page_inpaints_under_a_painted_mask(server, driver, tmp_path):
     import base64
     import io
 
@@ -274,68 +270,60 @@ def test_the_page_inpaints_under_a_painted_mask(server, tmp_path):
     from selenium.webdriver.common.by import By
 
     port, _ = server
-    driver = _browser(tmp_path)
-    try:
-        wait = _with_a_picture(driver, port, tmp_path,
-                               {"prompt": "a red circle", "steps": "4", "seed": "2"})
-        canvas = wait.until(lambda d: d.find_element(By.ID, "mask") if d.execute_script(
-            "return document.getElementById('mask').width") == 16 else None)
-        driver.execute_script("""  // keep the request the page sends
-            window.sent = null;
-            const plain = window.fetch;
-            window.fetch = (url, options) => {
-              if (options && options.body) window.sent = JSON.parse(options.body);
-              return plain(url, options);
-            };""")
-        # drag down the canvas's left quarter (it shows 16 pixels as 256)
-        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
-        ActionChains(driver).move_to_element_with_offset(canvas, -96, -100).click_and_hold() \
-            .move_by_offset(0, 200).release().perform()
-        driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.result"))
-        sent = driver.execute_script("return window.sent")
-        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["mask"]))).convert("L"))
-        assert mask.shape == (16, 16) and set(np.unique(mask)) == {0, 255}
-        assert mask[:, :6].max() == 255 and mask[:, 10:].max() == 0  # white where painted
-        assert "edit at strength 0.8" in driver.find_element(By.CSS_SELECTOR, "#gallery .card").text
-        driver.find_element(By.ID, "clear-mask").click()
-        driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img.result")) == 2)
-        assert "mask" not in driver.execute_script("return window.sent")  # cleared: img2img
-    finally:
-        driver.quit()
+    wait = _with_a_picture(driver, port, tmp_path,
+                           {"prompt": "a red circle", "steps": "4", "seed": "2"})
+    canvas = wait.until(lambda d: d.find_element(By.ID, "mask") if d.execute_script(
+        "return document.getElementById('mask').width") == 16 else None)
+    driver.execute_script("""  // keep the request the page sends
+        window.sent = null;
+        const plain = window.fetch;
+        window.fetch = (url, options) => {
+          if (options && options.body) window.sent = JSON.parse(options.body);
+          return plain(url, options);
+        };""")
+    # drag down the canvas's left quarter (it shows 16 pixels as 256)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    ActionChains(driver).move_to_element_with_offset(canvas, -96, -100).click_and_hold() \
+        .move_by_offset(0, 200).release().perform()
+    driver.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.result"))
+    sent = driver.execute_script("return window.sent")
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["mask"]))).convert("L"))
+    assert mask.shape == (16, 16) and set(np.unique(mask)) == {0, 255}
+    assert mask[:, :6].max() == 255 and mask[:, 10:].max() == 0  # white where painted
+    assert "edit at strength 0.8" in driver.find_element(By.CSS_SELECTOR, "#gallery .card").text
+    driver.find_element(By.ID, "clear-mask").click()
+    driver.find_element(By.ID, "generate").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img.result")) == 2)
+    assert "mask" not in driver.execute_script("return window.sent")  # cleared: img2img
 
 
-def test_the_page_asks_for_the_key_once_when_the_server_has_one(model_dir, tmp_path):
+def test_the_page_asks_for_the_key_once_when_the_server_has_one(model_dir, driver, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     from _serve_process import serve_process
 
-    driver = _browser(tmp_path)
-    try:
-        with serve_process(model_dir, tmp_path / "serve.log", "--api-key", "page-key") as port:
-            wait = WebDriverWait(driver, 60)
-            driver.get(f"http://127.0.0.1:{port}/")
-            box = driver.find_element(By.ID, "key-box")
-            wait.until(lambda d: box.is_displayed())
-            assert "needs an API key" in driver.find_element(By.ID, "status").text
-            driver.find_element(By.ID, "api-key").send_keys("wrong")
-            driver.find_element(By.ID, "use-key").click()
-            wait.until(lambda d: "refused that API key" in d.find_element(By.ID, "status").text)
-            field = driver.find_element(By.ID, "api-key")
-            field.clear()
-            field.send_keys("page-key")
-            driver.find_element(By.ID, "use-key").click()
-            wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 0)
-            assert not box.is_displayed()
-            steps = driver.find_element(By.ID, "steps")
-            steps.clear()
-            steps.send_keys("3")
-            driver.find_element(By.ID, "generate").click()
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.result"))
-            driver.refresh()  # asked once: the key is kept for this origin
-            wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 0)
-            assert not driver.find_element(By.ID, "key-box").is_displayed()
-    finally:
-        driver.quit()
+    with serve_process(model_dir, tmp_path / "serve.log", "--api-key", "page-key") as port:
+        wait = WebDriverWait(driver, 60)
+        driver.get(f"http://127.0.0.1:{port}/")
+        box = driver.find_element(By.ID, "key-box")
+        wait.until(lambda d: box.is_displayed())
+        assert "needs an API key" in driver.find_element(By.ID, "status").text
+        driver.find_element(By.ID, "api-key").send_keys("wrong")
+        driver.find_element(By.ID, "use-key").click()
+        wait.until(lambda d: "refused that API key" in d.find_element(By.ID, "status").text)
+        field = driver.find_element(By.ID, "api-key")
+        field.clear()
+        field.send_keys("page-key")
+        driver.find_element(By.ID, "use-key").click()
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 0)
+        assert not box.is_displayed()
+        steps = driver.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("3")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.result"))
+        driver.refresh()  # asked once: the key is kept for this origin
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 0)
+        assert not driver.find_element(By.ID, "key-box").is_displayed()
