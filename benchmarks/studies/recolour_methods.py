@@ -46,7 +46,12 @@ from ldmkit.data.shapes import with_articles  # noqa: E402
 from ldmkit.diffusion.editing import KnownRegion, start_index  # noqa: E402
 from ldmkit.diffusion.inversion import invert, run_inverted  # noqa: E402
 from ldmkit.diffusion.registry import HEADLINE  # noqa: E402
-from ldmkit.layout_edit import LocalBlend, layout_edit_latents, word_attention  # noqa: E402
+from ldmkit.layout_edit import (  # noqa: E402
+    LocalBlend,
+    blend_positions,
+    layout_edit_latents,
+    word_attention,
+)
 from ldmkit.models.attention_maps import AttentionControl, controlled_attention  # noqa: E402
 
 STEPS = 20
@@ -122,19 +127,15 @@ def inversion_edit(pipe, known, prompts, sources, strength, w, mask=None,
                            record)
         local = None
         if blend is not None:
-            attention = word_attention(recorded, positions(pipe, sources, words),
-                                       known.shape[-1])
+            tokenizer = pipe.text_encoder.tokenizer
+            positions = [blend_positions(tokenizer, text, said)
+                         for text, said in zip(sources, words)]
+            attention = word_attention(recorded, positions, known.shape[-1])
             tight, loose, switch = blend
             local = LocalBlend((attention > tight).float(), (attention > loose).float(),
                                levels_run, switch)
         latents = run_inverted(d_target, pipe.schedule, inversion, STEPS, inject, local)
     return latents, None if local is None else local.loose
-
-
-def positions(pipe, sources, words) -> list[list[int]]:
-    tokenizer = pipe.text_encoder.tokenizer
-    return [[j for j, token in enumerate(tokenizer.convert_ids_to_tokens(
-        tokenizer(text)["input_ids"])) if token in said] for text, said in zip(sources, words)]
 
 
 @torch.no_grad()
