@@ -235,6 +235,9 @@ def test_sample_cli_runs_a_layout_edit_and_names_the_flag_it_refuses(tmp_path, c
     picture = ["--init-image", str(tmp_path / "in.png")]
     assert main(common + picture + ["--source-prompt", "a red circle", "--progress",
                                     "--out", str(tmp_path / "edit")]) == 0
+    assert main(common + picture + ["--source-prompt", "a red circle" + " and a blue square" * 6,
+                                    "--out", str(tmp_path / "long")]) == 0
+    assert "--source-prompt is" in capsys.readouterr().err  # cut to the window, and said
     for name in ("0000.png", "0001.png", "grid.png", "progress.png"):
         assert (tmp_path / "edit" / name).is_file(), name
     for flags, message in (

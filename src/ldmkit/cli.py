@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inpainting: white = repaint, black = keep (the picture's size)")
     p.add_argument("--source-prompt", metavar="TEXT", default=None,
                    help="layout edit: what --init-image shows (\"a red square\"); --prompt's "
-                        "change then keeps its shapes and places (try --guidance 20)")
+                        "change then keeps its shapes and places (try --guidance 20; it "
+                        "samples with DDPM, whatever --sampler says)")
     p.add_argument("--mask-feather", type=int, default=1,
                    help="latent cells over which the mask's edge blends (default %(default)s)")
     p.add_argument("--resample-steps", type=int, default=0,

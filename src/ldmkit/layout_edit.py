@@ -61,8 +61,10 @@ def blend_positions(tokenizer, prompt: str, words: Sequence[str] | None,
     found = [i for i, piece in enumerate(pieces) if piece and piece not in special
              and (piece in wanted if wanted is not None else piece not in STOPWORDS)]
     if not found:
+        which = ("only words like 'a' and 'the', which do not say where the change goes"
+                 if wanted is None else ", ".join(sorted(wanted)))
         raise SamplingArgumentError("source_prompt", f"{prompt!r:.60} has none of the words "
-                                    "to blend on (give blend_words)")
+                                    f"to blend on ({which})")
     return found
 
 

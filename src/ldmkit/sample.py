@@ -75,11 +75,7 @@ def cli_sample(args: argparse.Namespace) -> int:
                                args.guidance_rescale).checked(pipe.schedule.timesteps)
     except SamplingArgumentError as exc:  # name the flag as typed: --guidance, --n
         raise SamplingArgumentError(f"--{exc.field.replace('_', '-')}", exc.reason) from None
-    cut = prompt_overflow(pipe.text_encoder.tokenizer, request.prompt,
-                          pipe.text_encoder.max_length)
-    if cut:
-        print(f"ldmkit: warning: --prompt is {cut} tokens longer than the text encoder's "
-              f"{pipe.text_encoder.max_length}; its tail is ignored", file=sys.stderr)
+    warn_if_cut(pipe, "--prompt", request.prompt)
     edit = _edit_inputs(args, pipe)  # checked, like everything, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(request.seed)
@@ -108,6 +104,15 @@ def cli_sample(args: argparse.Namespace) -> int:
     shown = "" if len(grid) == request.n else f" (the first {len(grid)})"
     print(f"wrote {request.n} images and grid.png{shown} to {out}")
     return 0
+
+
+def warn_if_cut(pipe: TextToImagePipeline, flag: str, text: str) -> None:
+    """Say on stderr when the text encoder will cut `text` (the flag's value)."""
+    encoder = pipe.text_encoder
+    cut = prompt_overflow(encoder.tokenizer, text, encoder.max_length)
+    if cut:
+        print(f"ldmkit: warning: {flag} is {cut} tokens longer than the text encoder's "
+              f"{encoder.max_length}; its tail is ignored", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- edits, adapters
@@ -176,6 +181,7 @@ def _edit_inputs(args: argparse.Namespace, pipe: TextToImagePipeline):
             blend_positions(encoder.tokenizer, edit.source_prompt, None, encoder.max_length)
         except SamplingArgumentError as exc:
             raise SamplingArgumentError("--source-prompt", exc.reason) from None
+        warn_if_cut(pipe, "--source-prompt", edit.source_prompt)
     return edit
 
 
