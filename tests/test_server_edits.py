@@ -311,6 +311,8 @@ def test_openai_edit_wants_a_form_with_files(client):
                     "source_prompt": "a red circle"}, "source_prompt"),
     ("/v1/images", {"image": _b64(_png(picture())), "source_prompt": "the"}, "source_prompt"),
     ("/v1/images", {"source_prompt": "a red circle"}, "image"),
+    ("/v1/images", {"image": _b64(_png(picture())), "source_prompt": "red " * 5000},
+     "source_prompt"),  # bounded as the prompt is
     ("/sdapi/v1/img2img", {"init_images": [_b64(_png(picture()))], "source_prompt": "the"},
      "source_prompt"),
     ("/sdapi/v1/img2img", {"init_images": []}, "init_images"),

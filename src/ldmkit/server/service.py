@@ -23,7 +23,12 @@ from ldmkit.editing import EditInputs, prepare_edit
 from ldmkit.errors import UserError
 from ldmkit.layout_edit import check_layout_model
 from ldmkit.pipeline import TextToImagePipeline
-from ldmkit.sampling_args import NonFiniteOutputError, SamplingArgs, SamplingArgumentError
+from ldmkit.sampling_args import (
+    NonFiniteOutputError,
+    SamplingArgs,
+    SamplingArgumentError,
+    check_prompt,
+)
 from ldmkit.server.batcher import Batcher, Job, QueueFull, ServerStopping
 
 MAX_IMAGES_PER_REQUEST = 16  # a response holds every image of a request in memory
@@ -107,6 +112,8 @@ class ImageService:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ImageResizedWarning)
             try:
+                if source_prompt is not None:  # bounded as the prompt is
+                    check_prompt(source_prompt, "source_prompt", MAX_PROMPT_CHARS)
                 edit = prepare_edit(image, mask, 1, self.pipe.image_size, strength,
                                     0 if resample_steps is None else resample_steps,
                                     1 if mask_feather is None else mask_feather,
