@@ -190,6 +190,7 @@ def test_the_blend_words_default_to_the_source_prompts_content_words(pipe):
         "red", "circle"]
     assert [tokens[i] for i in blend_positions(tokenizer, "a red circle", ["Circle"])] == [
         "circle"]
+    assert [tokens[i] for i in blend_positions(tokenizer, "a red circle", "red")] == ["red"]
     with pytest.raises(SamplingArgumentError, match="source_prompt: 'a' has none of the words"):
         blend_positions(tokenizer, "a", None)
 

@@ -57,6 +57,8 @@ def blend_positions(tokenizer, prompt: str, words: Sequence[str] | None,
                     verbose=False)["input_ids"]
     pieces = [token_text(t) for t in tokenizer.convert_ids_to_tokens(ids)]
     special = set(map(token_text, tokenizer.all_special_tokens))
+    if isinstance(words, str):  # "red square": its words, not its letters
+        words = words.split()
     wanted = None if words is None else {w.lower() for w in words}
     found = [i for i, piece in enumerate(pieces) if piece and piece not in special
              and (piece in wanted if wanted is not None else piece not in STOPWORDS)]
